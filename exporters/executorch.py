@@ -1,0 +1,138 @@
+"""Lower a (quantized) `CausalLM` to an ExecuTorch program (.pte) with the XNNPACK delegate.
+
+Steps: (1) swap the KV cache and attention for ExecuTorch's custom ops (in-place cache update, SDPA that
+reads only the filled prefix), (2) torch.export with a dynamic token count, (3) lower the linears to
+XNNPACK (int4/int8 kernels for the torchao patterns), (4) emit the program with the metadata methods
+ExecuTorch's own LLM runners read (BOS/EOS ids, max lengths, vocab size).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from edgepack.exporters import ExportRequest, register_exporter
+from edgepack.model import SDPA, CausalLM, KVCache
+
+PROGRAM_FILE = "model.pte"
+
+
+class CustomOpsKVCache(nn.Module):
+    """Same cache layout as `KVCache` ([1, S, Hkv, D]), written in place by `llama::update_cache`."""
+
+    def __init__(self, cache: KVCache) -> None:
+        super().__init__()
+        self.register_buffer("k", cache.k.clone(), persistent=False)
+        self.register_buffer("v", cache.v.clone(), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        torch.ops.llama.update_cache(k, self.k, start)
+        torch.ops.llama.update_cache(v, self.v, start)
+        return self.k, self.v
+
+
+class CustomOpsSDPA(nn.Module):
+    """`llama::custom_sdpa`: causal attention over cache positions < start + T, GQA handled in the kernel."""
+
+    def __init__(self, sdpa: SDPA) -> None:
+        super().__init__()
+        self.width = sdpa.num_heads * sdpa.head_dim
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        dtype = q.dtype
+        if dtype not in (torch.float32, torch.bfloat16):  # the kernel computes in fp32 or bf16
+            q, k, v = q.float(), k.float(), v.float()
+        out = torch.ops.llama.custom_sdpa(q, k, v, start, None, 0.0, True)
+        return out.to(dtype).reshape(1, q.shape[1], self.width)
+
+
+def use_executorch_attention(model: CausalLM) -> CausalLM:
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
+
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        attn.kv_cache = CustomOpsKVCache(attn.kv_cache)
+        attn.sdpa = CustomOpsSDPA(attn.sdpa)
+    return model
+
+
+@dataclass
+class Metadata:
+    bos_id: int | None
+    eos_ids: list[int]
+    max_context: int
+    max_prefill: int
+    vocab_size: int
+
+    def constant_methods(self) -> dict[str, Any]:
+        # Names as ExecuTorch's LLM runner (extension/llm/runner) reads them.
+        return {
+            "get_bos_id": self.bos_id if self.bos_id is not None else -1,
+            "get_eos_ids": self.eos_ids,
+            "get_max_seq_len": self.max_prefill,
+            "get_max_context_len": self.max_context,
+            "get_vocab_size": self.vocab_size,
+            "use_kv_cache": True,
+            "enable_dynamic_shape": True,
+        }
+
+
+def lower_to_pte(model: CausalLM, meta: Metadata, step: Callable[[str], None] = lambda _: None) -> bytes:
+    """Export, lower to XNNPACK and serialize; returns the .pte bytes."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    model = use_executorch_attention(model)
+    tokens = torch.zeros((1, 2), dtype=torch.long)
+    input_pos = torch.zeros((1,), dtype=torch.long)
+    seq = torch.export.Dim("seq", min=1, max=meta.max_prefill)
+    step("torch.export")
+    with torch.no_grad():
+        exported = torch.export.export(model, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=True)
+        exported = exported.run_decompositions({})
+    step("lower to XNNPACK")
+    edge = to_edge_transform_and_lower(
+        exported,
+        partitioner=[XnnpackPartitioner()],
+        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+        constant_methods=meta.constant_methods(),
+    )
+    step("emit program")
+    program = edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+    return program.buffer
+
+
+@register_exporter("executorch")
+def export_executorch(request: ExportRequest) -> dict[str, Any]:
+    """Write model.pte into the bundle; returns the manifest's `backend` section."""
+    logging.getLogger("executorch").setLevel(logging.ERROR)
+    meta = Metadata(
+        bos_id=request.bos_id,
+        eos_ids=request.eos_ids,
+        max_context=request.max_context,
+        max_prefill=request.max_prefill,
+        vocab_size=request.model.config.vocab_size,
+    )
+    pte = lower_to_pte(request.model, meta, request.step)
+    Path(request.writer.path(PROGRAM_FILE)).write_bytes(pte)
+    return {
+        "name": "executorch",
+        "delegate": request.delegate,
+        "program": PROGRAM_FILE,
+        "method": "forward",
+        "max_prefill": request.max_prefill,
+    }

@@ -1,0 +1,62 @@
+"""The reference backend: the project's own torch `CausalLM`, run eagerly.
+
+It is the exact-math baseline other backends are verified against, and the way to run any in-memory model
+(`TorchDecoder(model)`) through the same `Session` as an exported bundle.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgepack.errors import EdgepackError
+from edgepack.runtime.backend import register_backend
+
+if TYPE_CHECKING:
+    from edgepack.model import CausalLM
+
+
+class TorchDecoder:
+    """A `Decoder` over a `CausalLM` whose KV cache lives in the module's buffers."""
+
+    def __init__(self, model: "CausalLM", max_prefill_chunk: int | None = None) -> None:
+        import torch  # deferred: `import edgepack.runtime` stays light
+
+        self._torch = torch
+        self.model = model.eval()
+        self.max_context = int(model.max_context)
+        self.vocab_size = int(model.config.vocab_size)
+        if max_prefill_chunk:
+            self.max_prefill_chunk = int(max_prefill_chunk)
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        if start_pos < 0 or start_pos + tokens.size > self.max_context:
+            raise ValueError(f"positions {start_pos}..{start_pos + tokens.size} exceed max_context {self.max_context}")
+        torch = self._torch
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(tokens)[None], torch.tensor([start_pos], dtype=torch.long))
+        return logits[0].float().numpy()
+
+    def reset(self) -> None:
+        self.model.reset_cache()
+
+
+@register_backend("reference")
+def open_reference(bundle_dir: Path, manifest: dict[str, Any]) -> TorchDecoder:
+    """Rebuild the model from the bundle's safetensors state dict (Hugging Face parameter names)."""
+    from safetensors.torch import load_file
+
+    from edgepack.model import ModelConfig, build_model
+
+    program = Path(bundle_dir) / manifest["backend"]["program"]
+    if program.suffix != ".safetensors":
+        raise EdgepackError(
+            f"the reference backend needs a safetensors state dict, but this bundle's program is {program.name}",
+            "run it with its own backend, or export with --backend reference",
+        )
+    config = ModelConfig(**manifest["model"]["config"])
+    model = build_model(config, load_file(str(program)), max_context=int(manifest["context_length"]))
+    return TorchDecoder(model, max_prefill_chunk=manifest["backend"].get("max_prefill"))

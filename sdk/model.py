@@ -1,0 +1,308 @@
+"""The decoder-only transformer that every exporter lowers: Llama and Qwen2 in one export-friendly definition.
+
+Why our own and not transformers': exporters need a static-shape KV cache living in buffers, a single
+`forward(tokens, input_pos)` signature and no Python branches on tensor values, and backends swap the
+attention pieces (`kv_cache`, `sdpa`) for their own kernels. Parameter names follow Hugging Face's, so a
+checkpoint's state dict loads as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgepack.errors import EdgepackError
+
+# Hugging Face `architectures` / `model_type` values we understand, mapped to our family name.
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a student model: everything needed to build the module and size its budgets."""
+
+    architecture: str  # "llama" or "qwen2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool  # Qwen2 has biases on q/k/v
+    max_position_embeddings: int
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face config.json; anything outside Llama/Qwen2 is a clear error."""
+        family = _family_of(cfg)
+        heads = cfg["num_attention_heads"]
+        scaling = cfg.get("rope_scaling") or None
+        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+            raise EdgepackError(
+                f"unsupported rope_scaling {scaling!r}",
+                "edgepack supports plain RoPE and Llama 3 scaling",
+            )
+        return cls(
+            architecture=family,
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def num_parameters(self) -> int:
+        """Parameter count as the checkpoint stores it (a tied embedding counted once)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        q = self.num_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
+        mlp = 3 * h * self.intermediate_size
+        per_layer = attn + mlp + 2 * h
+        embed = self.vocab_size * h
+        head = 0 if self.tie_word_embeddings else embed
+        return self.num_layers * per_layer + embed + head + h
+
+
+def _family_of(cfg: dict[str, Any]) -> str:
+    for arch in cfg.get("architectures") or []:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    model_type = cfg.get("model_type")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return SUPPORTED_MODEL_TYPES[model_type]
+    found = (cfg.get("architectures") or [model_type])[0]
+    raise EdgepackError(
+        f"unsupported architecture {found!r}",
+        f"edgepack supports {', '.join(SUPPORTED_ARCHITECTURES)}",
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the model dtype: fp16 overflows on the sum of squares.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static-shape cache in buffers, layout [batch=1, max_context, kv_heads, head_dim].
+
+    `update` writes the new keys/values at `start` and returns the filled prefix, so attention reads only
+    the positions that exist, not the whole max context.
+    """
+
+    def __init__(self, max_context: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        shape = (1, max_context, kv_heads, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        length = k.shape[1]
+        self.k[:, start : start + length] = k
+        self.v[:, start : start + length] = v
+        return self.k[:, : start + length], self.v[:, : start + length]
+
+
+class SDPA(nn.Module):
+    """Causal attention of T new queries over the cached prefix, grouped-query heads expanded here."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+        # q: [1, T, H, D]; k, v: [1, L, Hkv, D] with L = start + T.
+        seq, length = q.shape[1], k.shape[1]
+        groups = self.num_heads // self.num_kv_heads
+        q = q.transpose(1, 2)
+        k = k.transpose(1, 2).repeat_interleave(groups, dim=1)
+        v = v.transpose(1, 2).repeat_interleave(groups, dim=1)
+        query_pos = torch.arange(seq, device=q.device) + start
+        key_pos = torch.arange(length, device=q.device)
+        mask = key_pos[None, :] <= query_pos[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return out.transpose(1, 2).reshape(1, seq, self.num_heads * self.head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_context: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, d
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.kv_cache = KVCache(max_context, cfg.num_kv_heads, d, dtype)
+        self.sdpa = SDPA(cfg.num_heads, cfg.num_kv_heads, d)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        seq = x.shape[1]
+        q = self.q_proj(x).view(1, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(1, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(1, seq, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = self.kv_cache.update(start, k, v)
+        return self.o_proj(self.sdpa(q, k_all, v_all, start))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_context: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, max_context, dtype)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Named `model` inside `CausalLM` so Hugging Face parameter names map one to one."""
+
+    def __init__(self, cfg: ModelConfig, max_context: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, max_context, dtype) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """`forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]`, appending T tokens to the KV cache.
+
+    Logits come for every input position: the runtime keeps the last row, verification uses all of them
+    (teacher forcing through the exported program itself).
+    """
+
+    def __init__(self, cfg: ModelConfig, max_context: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.config, self.max_context = cfg, max_context
+        self.model = Backbone(cfg, max_context, dtype)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        cos, sin = rope_tables(cfg, max_context)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + seq <= self.max_context)
+        cos = self.rope_cos.narrow(0, start, seq).to(self.rope_dtype())
+        sin = self.rope_sin.narrow(0, start, seq).to(self.rope_dtype())
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, start)
+        return self.lm_head(self.model.norm(x))
+
+    def rope_dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def reset_cache(self) -> None:
+        for module in self.modules():
+            if isinstance(module, KVCache):
+                module.k.zero_()
+                module.v.zero_()
+
+
+def rope_tables(cfg: ModelConfig, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [max_context, head_dim] in the rotate-half layout Hugging Face uses (fp32)."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if cfg.rope_scaling:
+        inv_freq = _llama3_scaled(inv_freq, cfg.rope_scaling)
+    angles = torch.outer(torch.arange(max_context, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+    """Llama 3.x frequency scaling: long wavelengths slowed by `factor`, a smooth ramp in between."""
+    factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
+    return torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [1, T, heads, D]; cos/sin: [T, D] broadcast over heads.
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def build_model(
+    cfg: ModelConfig,
+    state_dict: dict[str, torch.Tensor],
+    max_context: int,
+    dtype: torch.dtype = torch.float32,
+) -> CausalLM:
+    """Build the module and load a Hugging Face-named state dict into it, strictly."""
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_context, dtype)
+    model = model.to_empty(device="cpu")
+    cos, sin = rope_tables(cfg, max_context)
+    model.rope_cos.copy_(cos)
+    model.rope_sin.copy_(sin)
+    state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise EdgepackError(
+            f"checkpoint does not match the {cfg.architecture} layout "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "pass an unmodified Llama or Qwen2 checkpoint",
+        )
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_cache()
+    return model.to(dtype).eval()
