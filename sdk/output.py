@@ -57,12 +57,15 @@ class Output:
 
             try:
                 yield step
-            finally:
-                self._close_step(current)
+            except BaseException:
+                self._close_step(current, ok=False)
+                raise
+            self._close_step(current)
 
-    def _close_step(self, current: dict[str, Any]) -> None:
+    def _close_step(self, current: dict[str, Any], ok: bool = True) -> None:
         if current["name"]:
-            self._err.print(f"  [green]✓[/green] {current['name']} ({time.perf_counter() - current['t']:.1f} s)")
+            mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
+            self._err.print(f"  {mark} {current['name']} ({time.perf_counter() - current['t']:.1f} s)")
 
     def stream(self, text: str, dim: bool = False) -> None:
         if self.as_json:

@@ -33,56 +33,51 @@ def error_of(source: str | None) -> EdgepackError:
     return caught.value
 
 
-@pytest.fixture(scope="module")
-def student() -> Student:
-    return load_student(None)
-
-
 # --- the default model -------------------------------------------------------------------------------------
 
 
-def test_default_model_config(student: Student) -> None:
-    cfg = student.config
+def test_default_model_config(default_student: Student) -> None:
+    cfg = default_student.config
     assert (cfg.architecture, cfg.num_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (9, 3, 64, 49152)
     assert cfg.tie_word_embeddings and not cfg.attention_bias and cfg.rope_scaling is None
     assert cfg.rope_theta == 100000.0 and cfg.max_position_embeddings == 8192
     assert cfg.rms_norm_eps == pytest.approx(1e-5)
-    assert student.name == "SmolLM2-135M-Instruct"
-    assert student.source == str(default_model_path())
+    assert default_student.name == "SmolLM2-135M-Instruct"
+    assert default_student.source == str(default_model_path())
 
 
-def test_default_model_weights(student: Student) -> None:
-    sd = student.state_dict
+def test_default_model_weights(default_student: Student) -> None:
+    sd = default_student.state_dict
     assert "lm_head.weight" not in sd  # tied: the embedding serves as the head
     assert all(t.dtype == torch.float32 for t in sd.values())
-    assert sum(t.numel() for t in sd.values()) == student.config.num_parameters()
+    assert sum(t.numel() for t in sd.values()) == default_student.config.num_parameters()
     assert sd["model.embed_tokens.weight"].shape == (49152, 576)
     assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (192, 576)
     for key in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight"):
         assert torch.isfinite(sd[key]).all() and sd[key].abs().max() > 0, key
-    types = student.gguf_tensor_types
+    types = default_student.gguf_tensor_types
     assert types is not None and types.keys() == sd.keys()
     assert types["model.embed_tokens.weight"] == "Q8_0"
     assert types["model.layers.7.self_attn.q_proj.weight"] == "Q4_1"
     assert types["model.norm.weight"] == "F32"
 
 
-def test_default_model_tokenizer(student: Student) -> None:
-    assert {"tokenizer.json", "tokenizer_config.json"} <= student.tokenizer_files.keys()
-    tokenizer = Tokenizer.from_str(student.tokenizer_files["tokenizer.json"].decode())
-    assert tokenizer.get_vocab_size() == student.config.vocab_size
-    assert student.bos_id == 1 and tokenizer.id_to_token(1) == "<|im_start|>"
-    assert student.eos_ids == [2] and tokenizer.id_to_token(2) == "<|im_end|>"
-    assert student.add_bos is False
+def test_default_model_tokenizer(default_student: Student) -> None:
+    assert {"tokenizer.json", "tokenizer_config.json"} <= default_student.tokenizer_files.keys()
+    tokenizer = Tokenizer.from_str(default_student.tokenizer_files["tokenizer.json"].decode())
+    assert tokenizer.get_vocab_size() == default_student.config.vocab_size
+    assert default_student.bos_id == 1 and tokenizer.id_to_token(1) == "<|im_start|>"
+    assert default_student.eos_ids == [2] and tokenizer.id_to_token(2) == "<|im_end|>"
+    assert default_student.add_bos is False
     assert tokenizer.encode("Hello world").ids == [19556, 905]  # no BOS added, as the GGUF says
-    config = json.loads(student.tokenizer_files["tokenizer_config.json"])
+    config = json.loads(default_student.tokenizer_files["tokenizer_config.json"])
     assert config["eos_token"] == "<|im_end|>"
 
 
-def test_default_model_chat_template_renders(student: Student) -> None:
-    assert student.chat_template
-    text = jinja2.Template(student.chat_template).render(
+def test_default_model_chat_template_renders(default_student: Student) -> None:
+    assert default_student.chat_template
+    text = jinja2.Template(default_student.chat_template).render(
         messages=[{"role": "user", "content": "Hi there"}], add_generation_prompt=True
     )
     assert "<|im_start|>user\nHi there<|im_end|>" in text
@@ -361,16 +356,16 @@ def test_bin_only_folder(tmp_path: Path) -> None:
     assert "reads safetensors only" in str(err) and "save_pretrained" in str(err)
 
 
-def test_weights_that_do_not_match_config(tmp_path: Path, student: Student) -> None:
-    folder = save_tiny_folder(tmp_path, student, vocab_size=student.config.vocab_size)
+def test_weights_that_do_not_match_config(tmp_path: Path, default_student: Student) -> None:
+    folder = save_tiny_folder(tmp_path, default_student, vocab_size=default_student.config.vocab_size)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     err = error_of(str(folder))
     assert "do not match its llama config" in str(err) and "mlp.down_proj.weight has shape (64, 96)" in str(err)
 
 
-def test_tokenizer_larger_than_embedding(tmp_path: Path, student: Student) -> None:
-    folder = save_tiny_folder(tmp_path, student)  # vocab 300 against a 49152-token tokenizer
+def test_tokenizer_larger_than_embedding(tmp_path: Path, default_student: Student) -> None:
+    folder = save_tiny_folder(tmp_path, default_student)  # vocab 300 against a 49152-token tokenizer
     err = error_of(str(folder))
     assert "has 49152 tokens but the model embeds only 300" in str(err)
 

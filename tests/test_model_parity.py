@@ -117,14 +117,8 @@ def test_llama3_scaling_is_not_a_no_op() -> None:
         assert_logits_close(our_logits(ours, tokens), hf_logits(hf, tokens))
 
 
-@pytest.mark.xfail(strict=True, reason="model.py: ModelConfig.from_hf ignores transformers 5's `rope_parameters`")
 def test_from_hf_reads_transformers5_rope_parameters() -> None:
     assert ModelConfig.from_hf(TINY_CONFIGS["llama3-rope-scaling"].to_dict()).rope_scaling is not None
-
-
-@pytest.fixture(scope="module")
-def default_student() -> Student:
-    return load_student(None)
 
 
 def test_saved_folder_loads_back_equal(tmp_path: Path, default_student: Student) -> None:
@@ -134,12 +128,16 @@ def test_saved_folder_loads_back_equal(tmp_path: Path, default_student: Student)
     hf = tiny_hf(hf_config, seed=3)
     hf.save_pretrained(tmp_path, max_shard_size="1MB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         (tmp_path / name).write_bytes(default_student.tokenizer_files[name])
 
     student = load_student(str(tmp_path))
+    assert student.name == tmp_path.name and student.source == str(tmp_path)
     assert student.config == ModelConfig.from_hf(hf_config.to_dict())
     assert student.gguf_tensor_types is None
+    assert student.chat_template == default_student.chat_template
+    assert (student.bos_id, student.eos_ids, student.add_bos) == (1, [2], False)
+    assert {"generation_config.json", "tokenizer.json"} <= student.tokenizer_files.keys()
     expected = hf.state_dict()
     assert student.state_dict.keys() == expected.keys()
     for key, value in expected.items():

@@ -1,0 +1,49 @@
+"""Shared fixtures. Tiny random models keep the default suite fast; the default model is loaded once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgepack.model import CausalLM, ModelConfig
+
+
+def tiny_config(architecture: str = "llama", vocab_size: int = 320, **overrides) -> ModelConfig:
+    fields = dict(
+        architecture=architecture,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        attention_bias=architecture == "qwen2",
+        max_position_embeddings=512,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def random_model(cfg: ModelConfig, max_context: int = 128, seed: int = 0) -> CausalLM:
+    torch.manual_seed(seed)
+    model = CausalLM(cfg, max_context)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                param.uniform_(0.8, 1.2)
+            else:
+                param.normal_(0.0, 0.08)
+    model.reset_cache()
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def default_student():
+    """The embedded default model (SmolLM2-135M-Instruct), read from its GGUF once per session."""
+    from edgepack.intake import load_student
+
+    return load_student(None)

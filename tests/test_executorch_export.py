@@ -1,0 +1,79 @@
+"""The ExecuTorch exporter on tiny random models: the .pte run by ExecuTorch's runtime must compute what
+the eager model computes, for prefill and for single-token decode on top of the in-program KV cache."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from edgepack.exporters.executorch import Metadata, lower_to_pte
+from edgepack.quantize import apply_preset, get_preset
+from edgepack.runtime import TorchDecoder
+from edgepack.runtime.executorch_backend import ExecuTorchDecoder
+
+from conftest import random_model, tiny_config
+
+CONTEXT, PREFILL = 64, 16
+
+
+def export(model, tmp_path, name: str):
+    meta = Metadata(bos_id=1, eos_ids=[2], max_context=CONTEXT, max_prefill=PREFILL, vocab_size=model.config.vocab_size)
+    path = tmp_path / f"{name}.pte"
+    path.write_bytes(lower_to_pte(copy.deepcopy(model), meta))
+    return ExecuTorchDecoder(path, CONTEXT, model.config.vocab_size, PREFILL)
+
+
+def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:
+    """Prefill 12 tokens in two chunks, then decode the rest one by one: the runtime's call pattern."""
+    out = [decoder.forward(tokens[:5], 0), decoder.forward(tokens[5:12], 5)]
+    out += [decoder.forward(tokens[i : i + 1], i) for i in range(12, len(tokens))]
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def tokens() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 320, size=20)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_fp32_program_matches_eager(tmp_path, tokens, architecture):
+    model = random_model(tiny_config(architecture), max_context=CONTEXT)
+    expected = run_sequence(TorchDecoder(copy.deepcopy(model)), tokens)
+    actual = run_sequence(export(model, tmp_path, architecture), tokens)
+    assert actual.shape == (len(tokens), 320)
+    np.testing.assert_allclose(actual, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_int4_program_matches_eager_quantized_model(tmp_path, tokens):
+    """Same torchao int4 recipe, eager vs XNNPACK kernels: differences are rounding only."""
+    model = apply_preset(random_model(tiny_config(), max_context=CONTEXT), get_preset("int4"))
+    expected = run_sequence(TorchDecoder(copy.deepcopy(model)), tokens)
+    actual = run_sequence(export(model, tmp_path, "int4"), tokens)
+    assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
+    assert (actual.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
+
+
+def test_int4_quantization_changes_the_weights_but_not_the_answer():
+    """The preset really quantizes (logits move) yet stays close to fp32 (argmax mostly kept)."""
+    fp32 = random_model(tiny_config(), max_context=CONTEXT)
+    int4 = apply_preset(copy.deepcopy(fp32), get_preset("int4"))
+    tokens = torch.arange(10)[None]
+    with torch.no_grad():
+        a, b = fp32(tokens, torch.tensor([0])), int4(tokens, torch.tensor([0]))
+    assert not torch.allclose(a, b, atol=1e-4)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
+
+
+def test_program_carries_runner_metadata(tmp_path):
+    model = random_model(tiny_config(), max_context=CONTEXT)
+    decoder = export(model, tmp_path, "meta")
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(decoder.path)
+    names = set(program.method_names)
+    assert {"forward", "get_bos_id", "get_eos_ids", "get_max_context_len", "get_vocab_size"} <= names
+    assert program.load_method("get_max_context_len").execute([])[0] == CONTEXT
+    assert program.load_method("get_vocab_size").execute([])[0] == 320
