@@ -1,7 +1,7 @@
 """The reference "backend": the project's own torch model, weights in safetensors.
 
 Used for host checks (e.g. of a bundle whose real backend needs another OS) and as the baseline every
-other backend is compared against. Quantized presets are stored dequantized: the reference is exact math.
+other backend is compared against, so it takes unquantized presets only (fp32, fp16).
 """
 
 from __future__ import annotations
@@ -19,14 +19,10 @@ WEIGHTS_FILE = "model.safetensors"
 @register_exporter("reference")
 def export_reference(request: ExportRequest) -> dict[str, Any]:
     model = request.model
-    state = {k: _plain(v).contiguous() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings and torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
         state.pop("lm_head.weight")
     request.step("write safetensors")
     save_file(state, str(request.writer.path(WEIGHTS_FILE)))
     return {"name": "reference", "delegate": None, "program": WEIGHTS_FILE, "max_prefill": request.max_prefill}
 
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """torchao quantized tensors -> their dequantized values (safetensors stores plain tensors only)."""
-    return t.dequantize() if hasattr(t, "dequantize") and type(t) is not torch.Tensor else t.detach().clone()

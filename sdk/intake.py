@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from edgepack.errors import EdgepackError, UsageError
+from edgepack import blocks
+from edgepack.blocks import Int4Blocks
 from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, llama3_scaled_frequencies
 
 GGUF_MAGIC = b"GGUF"
@@ -60,6 +62,8 @@ class Student:
     # GGUF sources only: HF tensor name -> GGUF type name ("Q4_1"), so an exporter can reuse the blocks.
     # Mind that the file stores llama q/k rows permuted (see `_unpermute`); `state_dict` has HF's order.
     gguf_tensor_types: dict[str, str] | None = field(default=None, repr=False)
+    # GGUF Q4_0/Q4_1 matrices as exact int4 blocks (rows in HF order), for exporters that can keep them.
+    int4_blocks: dict[str, Int4Blocks] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -328,6 +332,11 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
         add_bos=tokenizer.add_bos,
         eos_ids=tokenizer.eos_ids,
         gguf_tensor_types={hf: tensors[name].tensor_type.name for name, hf in hf_names.items()},
+        int4_blocks={
+            hf: _gguf_blocks(tensors[name], hf, config)
+            for name, hf in hf_names.items()
+            if blocks.supports(tensors[name].tensor_type.name) and len(_torch_shape(tensors[name])) == 2
+        },
     )
 
 
@@ -494,6 +503,14 @@ def _gguf_weight(tensor: Any, hf_name: str, config: ModelConfig, path: Path) -> 
     if config.architecture == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
         weight = _unpermute(weight, config.num_heads if ".q_proj." in hf_name else config.num_kv_heads)
     return weight
+
+
+def _gguf_blocks(tensor: Any, hf_name: str, config: ModelConfig) -> Int4Blocks:
+    found = blocks.decode(tensor.data, tensor.tensor_type.name, _torch_shape(tensor))
+    if config.architecture == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
+        heads = config.num_heads if ".q_proj." in hf_name else config.num_kv_heads
+        found = found.map_rows(lambda t: _unpermute(t, heads))
+    return found
 
 
 def _dequantize(tensor: Any, path: Path) -> np.ndarray:

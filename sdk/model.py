@@ -224,21 +224,27 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg, max_context)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= self.max_context)
-        cos = self.rope_cos.narrow(0, start, seq).to(self.rope_dtype())
-        sin = self.rope_sin.narrow(0, start, seq).to(self.rope_dtype())
+        # RoPE angles computed per call in fp32, as transformers does: 32 floats instead of two tables.
+        angles = (torch.arange(seq, dtype=torch.float32) + start)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = angles.cos().to(self.rope_dtype()), angles.sin().to(self.rope_dtype())
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start)
         return self.lm_head(self.model.norm(x))
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # `.to(float16)` must not round the RoPE frequencies: positions in the thousands would drift.
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_frequencies(self.config).to(self.inv_freq.device)
+        return self
 
     def rope_dtype(self) -> torch.dtype:
         return self.model.norm.weight.dtype
@@ -250,15 +256,13 @@ class CausalLM(nn.Module):
                 module.v.zero_()
 
 
-def rope_tables(cfg: ModelConfig, max_context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [max_context, head_dim] in the rotate-half layout Hugging Face uses (fp32)."""
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] (fp32), Llama 3 scaling applied when the config has it."""
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if cfg.rope_scaling:
         inv_freq = llama3_scaled_frequencies(inv_freq, cfg.rope_scaling)
-    angles = torch.outer(torch.arange(max_context, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return inv_freq.float()
 
 
 def llama3_scaled_frequencies(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
@@ -289,9 +293,7 @@ def build_model(
     with torch.device("meta"):
         model = CausalLM(cfg, max_context, dtype)
     model = model.to_empty(device="cpu")
-    cos, sin = rope_tables(cfg, max_context)
-    model.rope_cos.copy_(cos)
-    model.rope_sin.copy_(sin)
+    model.inv_freq.copy_(rope_frequencies(cfg))
     state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -2,6 +2,13 @@
 
 Why torchao: its tensor subclasses export to the dynamic-quantize / dequantize patterns that ExecuTorch's
 XNNPACK partitioner turns into its int4/int8 kernels, so the recipe here is exactly what the device runs.
+
+Recipe names (as ExecuTorch and torchao call them):
+  "8da4w"  int4 weights, one scale per `group_size` inputs, int8 dynamic per-token activations
+  "8da8w"  int8 weights, one scale per output channel, int8 dynamic per-token activations
+  "4w"/"8w" weight-only int4/int8 (embeddings: a gather needs no activation quantization)
+XNNPACK has no kernel for weight-only int8/int4 *linears* (it would silently unpack them to fp32), so
+linears always use a dynamic-activation recipe here.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgepack.blocks import BLOCK, Int4Blocks
 from edgepack.errors import UsageError
 
 
@@ -20,9 +28,11 @@ class QuantPreset:
     name: str
     description: str
     dtype: str = "float32"  # activations and unquantized weights
-    linear: str | None = None  # None | "int8-weight" | "int4-weight-int8-dynamic-act"
-    embedding: str | None = None  # None | "int8-weight" | "int4-weight"
-    group_size: int = 0  # 0: one scale per output channel; else scales per block of this many inputs
+    linear: str | None = None  # recipe for the decoder layers' linears
+    lm_head: str | None = None  # recipe for the output layer (the most sensitive matrix)
+    embedding: str | None = None  # recipe for the token embedding table
+    group_size: int = 0  # linears: 0 = one scale per output channel, else per block of this many inputs
+    embedding_group_size: int = 0
 
     def with_group_size(self, group_size: int | None) -> "QuantPreset":
         if group_size is None:
@@ -38,6 +48,10 @@ class QuantPreset:
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
 
+    @property
+    def quantized(self) -> bool:
+        return bool(self.linear or self.lm_head or self.embedding)
+
 
 PRESETS: dict[str, QuantPreset] = {
     p.name: p
@@ -46,19 +60,27 @@ PRESETS: dict[str, QuantPreset] = {
         QuantPreset("fp16", "half-precision weights and activations", dtype="float16"),
         QuantPreset(
             "int8",
-            "int8 weight-only, per channel; fp32 activations",
-            linear="int8-weight",
-            embedding="int8-weight",
+            "int8 weights per channel with int8 dynamic activations; int8 embedding",
+            linear="8da8w",
+            lm_head="8da8w",
+            embedding="8w",
         ),
         QuantPreset(
             "int4",
-            "int4 groupwise weights with int8 dynamic activations (XNNPACK 8da4w); int4 embedding",
-            linear="int4-weight-int8-dynamic-act",
-            embedding="int4-weight",
+            "int4 weights per block of 32 with int8 dynamic activations (GGUF Q4_0/Q4_1 blocks carried over "
+            "exactly); int8 output layer; int4 embedding per 64",
+            linear="8da4w",
+            lm_head="8da8w",
+            embedding="4w",
             group_size=32,
+            embedding_group_size=64,
         ),
     )
 }
+
+
+# The small offset matmuls of carried Q4_1 blocks (1/32 of the weights): int8 per output channel.
+OFFSETS_RECIPE = "8da8w"
 
 
 def get_preset(name: str) -> QuantPreset:
@@ -67,38 +89,114 @@ def get_preset(name: str) -> QuantPreset:
     return PRESETS[name]
 
 
-def _torchao_config(kind: str, group_size: int) -> Any:
+def _torchao_config(recipe: str, group_size: int) -> Any:
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
     granularity = PerGroup(group_size) if group_size else PerAxis(0)
-    if kind == "int8-weight":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=granularity)
-    if kind == "int4-weight":
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)
-    if kind == "int4-weight-int8-dynamic-act":
-        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
-    raise ValueError(f"unknown quantization kind {kind!r}")
+    bits = {"8da4w": torch.int4, "8da8w": torch.int8, "4w": torch.int4, "8w": torch.int8}[recipe]
+    if recipe.startswith("8da"):
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=bits, weight_granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only"
+        )
+    # fp32 scales: ExecuTorch's fused embedding_4bit kernel misreads fp16 ones (measured: logits off by 2x).
+    return IntxWeightOnlyConfig(weight_dtype=bits, granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only")
 
 
-def apply_preset(model: nn.Module, preset: QuantPreset) -> nn.Module:
-    """Quantize in place: linears (lm_head included) and the embedding, each by the preset's recipe.
+def int4_weight(blocks: Int4Blocks) -> nn.Parameter:
+    """The torchao 8da4w weight tensor built from existing codes and scales: no rounding happens here."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
+        IntxUnpackedToInt8Tensor,
+        IntxUnpackedToInt8TensorActivationQuantization,
+    )
 
-    A tied embedding is untied first: the embedding table and the output layer are quantized by different
-    recipes (gather vs matmul kernels), so they become two tensors on the device.
+    tensor = IntxUnpackedToInt8Tensor(
+        qdata=blocks.codes.contiguous(),
+        scale=blocks.scales.contiguous(),
+        zero_point=torch.zeros(blocks.scales.shape, dtype=torch.int8),
+        target_dtype=torch.int4,
+        block_size=(1, BLOCK),
+        dtype=torch.float32,
+        activation_quantization=IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN,
+    )
+    return nn.Parameter(tensor, requires_grad=False)
+
+
+class BlockOffsetLinear(nn.Module):
+    """y = x W^T + S(x) M^T (+ bias), where W holds symmetric int4 blocks, S(x) sums each block of 32 inputs
+    and M holds one offset per (output, block): exact math for asymmetric blocks (GGUF Q4_1) on kernels
+    that only take symmetric int4. The offset matmul is 1/32 the size of the main one."""
+
+    def __init__(self, linear: nn.Linear, blocks: Int4Blocks) -> None:
+        super().__init__()
+        assert blocks.offsets is not None
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.main = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        self.main.weight = int4_weight(blocks)
+        self.main.bias = linear.bias
+        self.block_sum = nn.Linear(BLOCK, 1, bias=False)
+        nn.init.ones_(self.block_sum.weight)
+        self.offsets = nn.Linear(self.in_features // BLOCK, self.out_features, bias=False, device="meta")
+        self.offsets.weight = nn.Parameter(blocks.offsets.clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = self.block_sum(x.reshape(*x.shape[:-1], self.in_features // BLOCK, BLOCK)).squeeze(-1)
+        return self.main(x) + self.offsets(sums)
+
+
+def apply_preset(model: nn.Module, preset: QuantPreset, blocks: dict[str, Int4Blocks] | None = None) -> nn.Module:
+    """Quantize in place by the preset's recipe for each part.
+
+    `blocks`: int4 blocks the student already has (GGUF Q4_0/Q4_1), by weight name; an int4 linear with
+    group size 32 takes them as they are instead of rounding its float weights again. A tied embedding is
+    untied first: table and output layer follow different recipes, so they become two tensors on device.
     """
     from torchao.quantization.quant_api import quantize_
 
     model = model.to(preset.torch_dtype)
-    lm_head = getattr(model, "lm_head", None)
-    if lm_head is not None and (preset.linear or preset.embedding):
-        lm_head.weight = nn.Parameter(lm_head.weight.detach().clone())
+    if not preset.quantized:
+        return model
+    blocks = blocks or {}
+    head = model.lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone())
     group = preset.group_size
     with torch.no_grad():
         if preset.linear:
-            fits = lambda m, _fqn: isinstance(m, nn.Linear) and (not group or m.in_features % group == 0)  # noqa: E731
+            carried = _carry_blocks(model, blocks) if preset.linear == "8da4w" and group == BLOCK else set()
+            fits = lambda m, fqn: (  # noqa: E731
+                isinstance(m, nn.Linear)
+                and fqn != "lm_head"
+                and fqn not in carried
+                and not _inside(fqn, carried)
+                and (not group or m.in_features % group == 0)
+            )
             quantize_(model, _torchao_config(preset.linear, group), filter_fn=fits)
+            is_offsets = lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".offsets")  # noqa: E731
+            quantize_(model, _torchao_config(OFFSETS_RECIPE, 0), filter_fn=is_offsets)
+        if preset.lm_head:
+            quantize_(model, _torchao_config(preset.lm_head, 0), filter_fn=lambda m, fqn: fqn == "lm_head")
         if preset.embedding:
             is_embedding = lambda m, _fqn: isinstance(m, nn.Embedding)  # noqa: E731
-            quantize_(model, _torchao_config(preset.embedding, group), filter_fn=is_embedding)
+            quantize_(model, _torchao_config(preset.embedding, preset.embedding_group_size), filter_fn=is_embedding)
     return model
+
+
+def _carry_blocks(model: nn.Module, blocks: dict[str, Int4Blocks]) -> set[str]:
+    """Swap in the student's own int4 blocks where it has them; returns the module names swapped."""
+    carried: set[str] = set()
+    for name, module in list(model.named_modules()):
+        found = blocks.get(f"{name}.weight")
+        if not isinstance(module, nn.Linear) or found is None or name == "lm_head":
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        if found.offsets is None:
+            module.weight = int4_weight(found)
+        else:
+            setattr(parent, attr, BlockOffsetLinear(module, found))
+        carried.add(name)
+    return carried
+
+
+def _inside(fqn: str, parents: set[str]) -> bool:
+    return any(fqn.startswith(p + ".") for p in parents)

@@ -1,0 +1,70 @@
+"""GGUF 4-bit blocks carried into the int4 recipe: decoding is exact, and the exported program computes
+with exactly those weights (no second rounding)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from edgepack import blocks
+from edgepack.quantize import BlockOffsetLinear, apply_preset, get_preset
+from edgepack.runtime import TorchDecoder
+
+from conftest import random_model, tiny_config
+from test_executorch_export import CONTEXT, export, run_sequence
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_decode_equals_gguf_dequantize(kind):
+    weights = np.random.default_rng(1).normal(size=(8, 96)).astype(np.float32)
+    qtype = GGMLQuantizationType[kind]
+    raw = quantize(weights, qtype)
+    decoded = blocks.decode(raw, kind, weights.shape)
+    assert decoded.codes.dtype == torch.int8 and int(decoded.codes.min()) >= -8 and int(decoded.codes.max()) <= 7
+    assert (decoded.offsets is None) == (kind == "Q4_0")
+    np.testing.assert_array_equal(decoded.dequantize().numpy(), dequantize(raw, qtype))
+
+
+def synthetic_blocks(model, kind: str) -> dict[str, blocks.Int4Blocks]:
+    """Give every decoder linear GGUF-quantized weights, as a Q4 student has; returns its blocks."""
+    qtype = GGMLQuantizationType[kind]
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            raw = quantize(module.weight.detach().numpy(), qtype)
+            found[f"{name}.weight"] = blocks.decode(raw, kind, tuple(module.weight.shape))
+            module.weight.data = found[f"{name}.weight"].dequantize()
+    return found
+
+
+def test_carried_blocks_are_used_as_they_are():
+    model = random_model(tiny_config(), max_context=CONTEXT)
+    found = synthetic_blocks(model, "Q4_1")
+    quantized = apply_preset(copy.deepcopy(model), get_preset("int4"), found)
+    layer = quantized.model.layers[0].mlp.up_proj
+    assert isinstance(layer, BlockOffsetLinear)
+    assert torch.equal(layer.main.weight.qdata, found["model.layers.0.mlp.up_proj.weight"].codes)
+    # Without activation quantization the module computes exactly the student's weights.
+    x = torch.randn(3, 64)
+    expected = x @ found["model.layers.0.mlp.up_proj.weight"].dequantize().T
+    exact = x @ layer.main.weight.dequantize().T + layer.block_sum(x.view(3, 2, 32)).squeeze(-1) @ layer.offsets.weight.dequantize().T
+    torch.testing.assert_close(exact, expected, atol=2e-2 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
+def test_program_with_carried_blocks_matches_eager(tmp_path, kind):
+    model = random_model(tiny_config(), max_context=CONTEXT)
+    found = synthetic_blocks(model, kind)
+    quantized = apply_preset(copy.deepcopy(model), get_preset("int4"), found)
+    tokens = np.random.default_rng(0).integers(0, 320, size=20)
+    expected = run_sequence(TorchDecoder(copy.deepcopy(quantized)), tokens)
+    actual = run_sequence(export(quantized, tmp_path, kind), tokens)
+    assert np.abs(actual - expected).max() < 0.02 * np.abs(expected).max()
+    # And it stays close to the unquantized student whose weights the blocks are.
+    reference = run_sequence(TorchDecoder(model), tokens)
+    assert (actual.argmax(-1) == reference.argmax(-1)).mean() >= 0.85
