@@ -33,6 +33,21 @@ class Int4Blocks:
             w = w + self.offsets[..., None]
         return w.reshape(rows, cols)
 
+    def with_positive_scales(self) -> "Int4Blocks":
+        """The same weights with every scale >= 0, as XNNPACK requires (it rejects the program otherwise).
+
+        Q4_0 stores a signed scale (d = extreme / -8). A block with d < 0 is rewritten exactly as
+        w = |d| * (-q - 1) + |d|: codes stay in [-8, 7] and the block gains an offset of |d|.
+        """
+        negative = self.scales < 0
+        if not bool(negative.any()):
+            return self
+        flip = negative.repeat_interleave(BLOCK, dim=1)
+        codes = torch.where(flip, -self.codes - 1, self.codes).to(torch.int8)
+        offsets = torch.zeros_like(self.scales) if self.offsets is None else self.offsets.clone()
+        offsets = torch.where(negative, offsets - self.scales, offsets)
+        return Int4Blocks(codes, self.scales.abs(), offsets)
+
     def map_rows(self, fn) -> "Int4Blocks":
         """Apply the same row reordering to codes, scales and offsets (e.g. llama.cpp's q/k permutation)."""
         return Int4Blocks(fn(self.codes), fn(self.scales), None if self.offsets is None else fn(self.offsets))

@@ -190,6 +190,7 @@ def _carry_blocks(model: nn.Module, blocks: dict[str, Int4Blocks]) -> set[str]:
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
+        found = found.with_positive_scales()
         if found.offsets is None:
             module.weight = int4_weight(found)
         else:
