@@ -1,12 +1,14 @@
 """Exporters lower a quantized `CausalLM` into a bundle's model file(s): one module per backend.
 
 Each module registers one function with `@register_exporter(NAME)`; adding a backend is adding a module
-and its import in `_import_builtin_exporters`. The function gets an `ExportRequest`, writes its files
+to this folder (every module here is imported when an exporter is first looked up). The function gets an `ExportRequest`, writes its files
 through `request.writer` and returns the manifest's `backend` section.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,4 +56,5 @@ def known_exporters() -> list[str]:
 
 
 def _import_builtin_exporters() -> None:
-    from edgepack.exporters import executorch, reference  # noqa: F401
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")

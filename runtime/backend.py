@@ -7,6 +7,8 @@ for all of them.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -63,5 +65,11 @@ def known_backends() -> list[str]:
 
 
 def _import_builtin_backends() -> None:
-    # Imported lazily: each backend pulls in its own heavy runtime only when it is used.
-    from edgepack.runtime import executorch_backend, reference_backend  # noqa: F401
+    """Import every `*_backend.py` module of this package: adding a backend is adding such a file.
+
+    The modules themselves import their heavy runtime (torch, ExecuTorch, ...) only when a bundle opens."""
+    import edgepack.runtime as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.endswith("_backend"):
+            importlib.import_module(f"{package.__name__}.{module.name}")

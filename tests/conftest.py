@@ -47,3 +47,27 @@ def default_student():
     from edgepack.intake import load_student
 
     return load_student(None)
+
+
+# The default model exported once per test session and shared by every slow test that needs a bundle:
+# each int4 export lowers 30 layers (minutes on 2 cores), so no test module should export its own copy.
+
+
+@pytest.fixture(scope="session")
+def default_int4_bundle(tmp_path_factory):
+    """The README's main job: the default model for pixel-9 (int4, ExecuTorch + XNNPACK)."""
+    from edgepack.export import plan_export, run_export
+
+    out = tmp_path_factory.mktemp("default") / "int4"
+    run_export(plan_export(None, "pixel-9", output=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def default_fp32_bundle(tmp_path_factory):
+    """The default model at fp32 for the host, context 512 (ExecuTorch + XNNPACK)."""
+    from edgepack.export import plan_export, run_export
+
+    out = tmp_path_factory.mktemp("default") / "fp32"
+    run_export(plan_export(None, "host", quant="fp32", max_context=512, output=out))
+    return out

@@ -9,7 +9,6 @@ import torch
 
 from edgepack import runtime
 from edgepack.evaltext import default_text
-from edgepack.export import plan_export, run_export
 from edgepack.intake import default_model_path
 from edgepack.model import build_model
 from edgepack.runtime import TorchDecoder
@@ -24,20 +23,6 @@ PROMPTS = [
 ]
 NEW_TOKENS = 48
 EVAL_TOKENS = 1024
-
-
-@pytest.fixture(scope="module")
-def int4_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "int4"
-    run_export(plan_export(None, "pixel-9", output=out))
-    return out
-
-
-@pytest.fixture(scope="module")
-def fp32_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "fp32"
-    run_export(plan_export(None, "host", quant="fp32", max_context=512, output=out))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +60,8 @@ def transformers_greedy(ids: list[int], steps: int) -> list[int]:
     return tokens
 
 
-def test_fp32_bundle_greedy_equals_transformers(fp32_bundle):
-    session = runtime.load(fp32_bundle)
+def test_default_fp32_bundle_greedy_equals_transformers(default_fp32_bundle):
+    session = runtime.load(default_fp32_bundle)
     assert session.decoder.__class__.__name__ == "ExecuTorchDecoder"
     for prompt in PROMPTS:
         ids = session.tokenizer.encode(prompt)
@@ -85,13 +70,13 @@ def test_fp32_bundle_greedy_equals_transformers(fp32_bundle):
         assert ours == theirs, (prompt, session.tokenizer.decode(ours), session.tokenizer.decode(theirs))
 
 
-def test_int4_bundle_is_small(int4_bundle):
-    size = sum(p.stat().st_size for p in int4_bundle.iterdir())
+def test_default_int4_bundle_is_small(default_int4_bundle):
+    size = sum(p.stat().st_size for p in default_int4_bundle.iterdir())
     assert size <= 110e6, f"{size / 1e6:.1f} MB"
 
 
-def test_int4_bundle_tracks_fp32_on_real_text(int4_bundle, reference):
-    session = runtime.load(int4_bundle)
+def test_default_int4_bundle_tracks_fp32_on_real_text(default_int4_bundle, reference):
+    session = runtime.load(default_int4_bundle)
     ids = session.tokenizer.encode(default_text())[: EVAL_TOKENS + 1]
     assert len(ids) == EVAL_TOKENS + 1
     result = teacher_forcing(reference, session, ids)
@@ -100,8 +85,8 @@ def test_int4_bundle_tracks_fp32_on_real_text(int4_bundle, reference):
     assert result.perplexity_ratio <= 1.10
 
 
-def test_int4_bundle_answers_coherently(int4_bundle):
-    session = runtime.load(int4_bundle)
+def test_default_int4_bundle_answers_coherently(default_int4_bundle):
+    session = runtime.load(default_int4_bundle)
     answer = session.complete("What is the capital of France?", max_new_tokens=32)
     assert "Paris" in answer.text
     assert answer.stats.decode_tokens_per_s > 0 and answer.stats.stop_reason == "eos"
