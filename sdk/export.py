@@ -61,7 +61,7 @@ def plan_export(
             raise UsageError(f"unknown backend {backend!r}", f"choose one of: {', '.join(known_exporters())}")
         chosen = (name, delegate or _default_delegate(target, name))
     else:
-        chosen = target.backend_choice()
+        chosen = target.backend_choice(known_exporters())
     if chosen[0] == "reference" and preset.quantized:
         raise UsageError("the reference backend runs unquantized weights only", "use --quant fp32 or fp16")
     context = max_context or target.default_context

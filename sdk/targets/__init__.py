@@ -1,7 +1,15 @@
 """Device profiles: one TOML file per target in this folder; adding a device is adding a file.
 
-A target names the backends it prefers (first that can export wins), its default quantization and
-context, and the budgets a bundle must meet on it.
+A target names the backends it prefers (the first one edgepack has an exporter for wins), its default
+quantization and context, the hardware figures a fit check and a latency projection need, the budgets a
+bundle must meet on it, per-backend options (e.g. the QNN SoC id), and where each figure comes from.
+
+File schema (TOML):
+    name, description, os, soc, ram_gb, backends = ["backend/delegate", ...], default_quant, default_context
+    [hardware]   cpu_cores, app_memory_limit_gb, memory_bandwidth_gbs, accelerator, accelerator_tops, ...
+    [budgets]    bundle_mb, peak_memory_mb, ttft_ms_128, decode_tok_s_min
+    [options.<backend>]  backend-specific settings, e.g. [options.onnx] soc_model = "SM8750", htp_arch = 79
+    [sources]    figure name -> citation (where the number comes from)
 """
 
 from __future__ import annotations
@@ -25,15 +33,24 @@ class Target:
     default_context: int
     soc: str | None = None
     ram_gb: float | None = None
+    hardware: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
     budgets: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False, compare=False)
     sources: dict[str, str] = field(default_factory=dict, hash=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
-    def backend_choice(self) -> tuple[str, str | None]:
-        backend, _, delegate = self.backends[0].partition("/")
-        return backend, delegate or None
+    def backend_choice(self, available: list[str] | None = None) -> tuple[str, str | None]:
+        """The most preferred backend that has an exporter (`available`: exporter names; None = any)."""
+        for entry in self.backends:
+            backend, _, delegate = entry.partition("/")
+            if available is None or backend in available:
+                return backend, delegate or None
+        raise UsageError(
+            f"target {self.name!r} needs one of the backends {', '.join(self.backends)}, none is installed",
+            f"exporters available: {', '.join(available or [])}; pass --backend to choose one",
+        )
 
 
 @cache
