@@ -10,11 +10,16 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgepack.bundle import BundleWriter
 from edgepack.errors import EdgepackError
 from edgepack.model import CausalLM
+
+if TYPE_CHECKING:
+    from edgepack.blocks import Int4Blocks
+    from edgepack.quantize import QuantPreset
+    from edgepack.targets import Target
 
 
 @dataclass
@@ -27,20 +32,46 @@ class ExportRequest:
     bos_id: int | None
     eos_ids: list[int]
     step: Callable[[str], None] = field(default=lambda _msg: None)  # progress: names the stage starting
+    # For exporters registered with quantizes=True: `model` is then unquantized and they apply `preset`
+    # themselves (e.g. ONNX writes MatMulNBits from `int4_blocks`, the student's GGUF blocks, directly).
+    target: "Target | None" = None
+    preset: "QuantPreset | None" = None
+    int4_blocks: "dict[str, Int4Blocks]" = field(default_factory=dict)
 
 
 Exporter = Callable[[ExportRequest], dict[str, Any]]
+# preflight(target, delegate, preset) raises EdgepackError before any model is loaded (missing runtime, bad SoC)
+Preflight = Callable[["Target", "str | None", "QuantPreset"], None]
 _EXPORTERS: dict[str, Exporter] = {}
+_PREFLIGHT: dict[str, Preflight] = {}
+_QUANTIZES: set[str] = set()
 
 
-def register_exporter(name: str) -> Callable[[Exporter], Exporter]:
+def register_exporter(name: str, *, quantizes: bool = False, preflight: Preflight | None = None) -> Callable[[Exporter], Exporter]:
+    """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks."""
+
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
             raise ValueError(f"exporter {name!r} registered twice")
         _EXPORTERS[name] = fn
+        if quantizes:
+            _QUANTIZES.add(name)
+        if preflight:
+            _PREFLIGHT[name] = preflight
         return fn
 
     return wrap
+
+
+def exporter_quantizes(name: str) -> bool:
+    _import_builtin_exporters()
+    return name in _QUANTIZES
+
+
+def preflight(name: str, target: "Target", delegate: str | None, preset: "QuantPreset") -> None:
+    _import_builtin_exporters()
+    if name in _PREFLIGHT:
+        _PREFLIGHT[name](target, delegate, preset)
 
 
 def get_exporter(name: str) -> Exporter:

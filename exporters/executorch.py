@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.model import SDPA, CausalLM, KVCache
 
@@ -61,6 +62,43 @@ def use_executorch_attention(model: CausalLM) -> CausalLM:
     return model
 
 
+class PackedInt4Embedding(nn.Module):
+    """An int4 embedding table in the layout of ExecuTorch's `embedding_4bit` kernel: two codes per byte,
+    fp16 scales, no zero points (the preset's codes are symmetric).
+
+    torchao's own lowering of the same table stores fp32 scales plus an all-zero int8 zero-point tensor
+    (2.2 MB more on the default model); fp16 scales through the op's `.dtype` variant read back correctly.
+    """
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+        super().__init__()
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (registers the op)
+
+        unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+        self.register_buffer("packed", unsigned[:, 0::2] * 16 + unsigned[:, 1::2])
+        self.register_buffer("scales", scales.to(torch.float16).contiguous())
+
+    @classmethod
+    def from_torchao(cls, embedding: nn.Embedding) -> "PackedInt4Embedding | None":
+        weight = embedding.weight
+        zero = getattr(weight, "zero_point", None)
+        if getattr(weight, "target_dtype", None) != torch.int4 or (zero is not None and bool(zero.any())):
+            return None
+        return cls(weight.qdata, weight.scale.reshape(weight.qdata.shape[0], -1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
+            self.packed, self.scales, None, -8, 7, tokens, dtype=torch.float32
+        )
+
+
+def pack_int4_embedding(model: CausalLM) -> CausalLM:
+    packed = PackedInt4Embedding.from_torchao(model.model.embed_tokens)
+    if packed is not None:
+        model.model.embed_tokens = packed
+    return model
+
+
 @dataclass
 class Metadata:
     bos_id: int | None
@@ -89,7 +127,7 @@ def lower_to_pte(model: CausalLM, meta: Metadata, step: Callable[[str], None] = 
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    model = use_executorch_attention(model)
+    model = pack_int4_embedding(use_executorch_attention(model))
     tokens = torch.zeros((1, 2), dtype=torch.long)
     input_pos = torch.zeros((1,), dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=meta.max_prefill)
@@ -116,7 +154,22 @@ def lower_to_pte(model: CausalLM, meta: Metadata, step: Callable[[str], None] = 
     return program.buffer
 
 
-@register_exporter("executorch")
+def _check_delegate(target: Any, delegate: str | None, preset: Any) -> None:
+    """Only XNNPACK lowers our program. Measured with executorch 1.5.1 + coremltools 9.0 (issue #4): the Core ML
+    partitioner rejects it: fp32 -> "Placeholder val must be a tensor ... got torch.SymInt" (the dynamic
+    token count / cache position reach the delegate as symbolic ints); int4 -> KeyError torch.int8 (the
+    torchao dynamic-activation tensors)."""
+    if delegate == "coreml":
+        raise EdgepackError(
+            "ExecuTorch's Core ML delegate cannot lower edgepack's LLM program with executorch 1.5.1 / coremltools 9.0 "
+            "(symbolic token count and int8 torchao tensors are rejected)",
+            "use --backend coreml (a native Core ML package) or --backend executorch/xnnpack",
+        )
+    if delegate not in (None, "xnnpack"):
+        raise EdgepackError(f"unknown ExecuTorch delegate {delegate!r}", "use executorch/xnnpack")
+
+
+@register_exporter("executorch", preflight=_check_delegate)
 def export_executorch(request: ExportRequest) -> dict[str, Any]:
     """Write model.pte into the bundle; returns the manifest's `backend` section."""
     logging.getLogger("executorch").setLevel(logging.ERROR)

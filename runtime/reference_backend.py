@@ -46,17 +46,23 @@ class TorchDecoder:
 
 @register_backend("reference")
 def open_reference(bundle_dir: Path, manifest: dict[str, Any]) -> TorchDecoder:
-    """Rebuild the model from the bundle's safetensors state dict (Hugging Face parameter names)."""
+    """Rebuild the model from the bundle's safetensors state dict (Hugging Face parameter names), or from the
+    weights read back out of a Core ML package (a host check of a bundle that needs macOS/iOS to run)."""
     from safetensors.torch import load_file
 
     from edgepack.model import ModelConfig, build_model
 
     program = Path(bundle_dir) / manifest["backend"]["program"]
+    config = ModelConfig(**manifest["model"]["config"])
+    if program.suffix == ".mlpackage":
+        from edgepack.runtime.coreml_backend import weights_from_mlpackage
+
+        model = build_model(config, weights_from_mlpackage(program, config), max_context=int(manifest["context_length"]))
+        return TorchDecoder(model, max_prefill_chunk=manifest["backend"].get("max_prefill"))
     if program.suffix != ".safetensors":
         raise EdgepackError(
             f"the reference backend needs a safetensors state dict, but this bundle's program is {program.name}",
             "run it with its own backend, or export with --backend reference",
         )
-    config = ModelConfig(**manifest["model"]["config"])
     model = build_model(config, load_file(str(program)), max_context=int(manifest["context_length"]))
     return TorchDecoder(model, max_prefill_chunk=manifest["backend"].get("max_prefill"))

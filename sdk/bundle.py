@@ -63,9 +63,10 @@ class BundleWriter:
         return self.write_text(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        # Package folders (a Core ML .mlpackage) are listed file by file, by path relative to the bundle.
         files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_of(p)}
-            for p in sorted(self.dir.iterdir())
+            p.relative_to(self.dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in sorted(self.dir.rglob("*"))
             if p.is_file() and p.name != MANIFEST
         }
         full = {

@@ -69,6 +69,8 @@ def _preset_names() -> list[str]:
 @click.option("--group-size", type=int, help="int4/int8 group size (0 = per channel) [default: the preset's]")
 @click.option("--backend", help="override the target's preferred backend, e.g. executorch/xnnpack or reference")
 @click.option("--output", "-o", type=click.Path(), help="bundle folder [default: bundles/MODEL-TARGET-QUANT]")
+@click.option("--no-verify", is_flag=True, help="skip the quality gate against the fp32 reference (recorded)")
+@click.option("--keep-failed", is_flag=True, help="keep a bundle that fails the gate, marked failed")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON instead of a summary")
 @_handle_errors
 def export(
@@ -79,16 +81,27 @@ def export(
     group_size: int | None,
     backend: str | None,
     output: str | None,
+    no_verify: bool,
+    keep_failed: bool,
     as_json: bool,
 ) -> None:
-    """Build a bundle: load the student, quantize, lower for the target, write and checksum it."""
+    """Build a bundle: load the student, quantize, lower for the target, write, checksum and verify it."""
     from edgepack.export import plan_export, run_export
+    from edgepack.verify import VerificationFailed
 
     out = Output(as_json)
-    plan = plan_export(source, target, quant, max_context, output, backend, group_size)
+    plan = plan_export(source, target, quant, max_context, output, backend, group_size, not no_verify, keep_failed)
     out.info("exporting " + ", ".join(f"{k}={v}" for k, v in plan.describe().items()))
-    with out.quiet_native(), out.steps("export") as step:
-        manifest = run_export(plan, step)
+    if plan.fit is not None:
+        out.info(plan.fit.summary())
+    try:
+        with out.quiet_native(), out.steps("export") as step:
+            manifest = run_export(plan, step)
+    except VerificationFailed as failed:
+        _show_verification(out, failed.report)
+        raise
+    if not as_json:
+        _show_verification(out, manifest["verification"])
     size_mb = sum(f["size"] for f in manifest["files"].values()) / 1e6
     out.result(
         {"bundle": str(plan.output), "size_mb": round(size_mb, 1), "manifest": manifest},
@@ -164,6 +177,34 @@ def inspect(bundle: str, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--reference", "-r", help="the fp32 model to compare with [default: the one the bundle was exported from]")
+@click.option("--text", type=click.Path(), help="UTF-8 text to evaluate on [default: prose of CPython's reference manual]")
+@click.option("--tokens", type=int, default=1024, show_default=True, help="positions scored under teacher forcing")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@_handle_errors
+def verify(bundle: str, reference: str | None, text: str | None, tokens: int, as_json: bool) -> None:
+    """Measure BUNDLE against its fp32 reference on real text; exit 1 if it misses its preset's thresholds."""
+    from edgepack.verify import VerificationFailed, verify_bundle
+
+    out = Output(as_json)
+    with out.quiet_native(), out.steps("verify") as step:
+        report = verify_bundle(bundle, reference=reference, text_file=text, eval_tokens=tokens, step=step).to_dict()
+    _show_verification(out, report)
+    if report["status"] == "failed":
+        raise VerificationFailed(report, fix="do not ship it: re-export, or compare with the right --reference")
+
+
+def _show_verification(out: Output, report: dict[str, Any]) -> None:
+    from edgepack.verify import table_rows
+
+    if out.as_json:
+        out.result(report, "")
+    else:
+        out.table("verification", table_rows(report))
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True)
 @_handle_errors
 def targets(as_json: bool) -> None:
@@ -180,6 +221,61 @@ def targets(as_json: bool) -> None:
         [(t.name, f"{t.description}; backends {', '.join(t.backends)}; default {t.default_quant}")
          for t in found.values()],
     )
+
+
+@main.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--target", "-t", help="device profile to project onto and check budgets of [default: the bundle's]")
+@click.option("--prompt-lengths", default="128,512", show_default=True, help="prompt lengths in tokens")
+@click.option("--runs", type=int, default=3, show_default=True, help="fresh processes per figure (median, min-max)")
+@click.option("--new-tokens", type=int, default=128, show_default=True, help="greedy tokens decoded per run")
+@click.option("--device", default="host", show_default=True, help="host, adb:SERIAL or qai-hub:DEVICE_NAME")
+@click.option("--runner", type=click.Path(), help="adb: ExecuTorch's llama_main built for Android")
+@click.option("--out", "out_dir", type=click.Path(), help="report.json + chart.png [default: profiles/BUNDLE-TARGET]")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+@_handle_errors
+def profile(bundle: str, target: str | None, prompt_lengths: str, runs: int, new_tokens: int, device: str,
+            runner: str | None, out_dir: str | None, as_json: bool) -> None:
+    """Measure BUNDLE through its real backend, project it onto a target, check the target's budgets.
+
+    Exit code 1 when a budget fails. Threads: EDGEPACK_THREADS (default 2)."""
+    from pathlib import Path
+
+    from edgepack.profile import budget_lines, parse_lengths, profile_bundle, write_report
+
+    out = Output(as_json)
+    if device != "host":
+        from edgepack.profile_device import parse_device
+
+        parse_device(device)
+    report = profile_bundle(bundle, target, parse_lengths(prompt_lengths), runs, new_tokens, device=device,
+                            runner=runner, log=out.info)
+    folder = Path(out_dir or Path("profiles") / f"{Path(bundle).resolve().name}-{report['target']}")
+    path = write_report(report, folder)
+    if as_json:
+        out.result(report, "")
+    else:
+        m = report["measured"]
+        rows = [("device", f"{report['device']} ({report['host']['cpu']}, {report['host']['threads']} threads)")]
+        if m.get("load_s"):
+            rows.append(("load (measured)", f"{m['load_s']['median']:.2f} s [{m['load_s']['min']:.2f}-{m['load_s']['max']:.2f}]"))
+        for n, row in m["by_prompt_length"].items():
+            rows.append((f"{n} tokens (measured)", "  ".join(
+                f"{k} {v['median']:.1f} [{v['min']:.1f}-{v['max']:.1f}]" for k, v in row.items())))
+        if "peak_rss_mb" in m["peak_memory"]:
+            pm = m["peak_memory"]
+            rows.append(("peak memory (measured)", f"{pm['peak_rss_mb']['median']:.0f} MB RSS, bundle's own "
+                         f"{pm.get('model_mb', {}).get('median', float('nan')):.0f} MB"))
+        if report["projected"]:
+            for n, row in report["projected"]["by_prompt_length"].items():
+                rows.append((f"{n} tokens (projected {report['target']})", "  ".join(
+                    f"{k} {row[k]:.1f}" for k in ("ttft_ms", "prefill_tok_s", "decode_tok_s") if k in row)))
+        out.table(f"profile of {bundle} for {report['target']}", rows)
+        for line in budget_lines(report):
+            click.echo(line)
+        click.echo(f"report: {path}  chart: {path.parent / report['chart']}")
+    if not report["passed"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

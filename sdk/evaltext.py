@@ -19,19 +19,40 @@ DEFAULT_SOURCE = "CPython reference manual (pydoc_data.topics, PSF License)"
 
 def default_text(min_chars: int = 60_000) -> str:
     """Prose paragraphs of the reference manual, topics in sorted order, until `min_chars`."""
+    return "\n\n".join(_prose_paragraphs(0, min_chars))
+
+
+def calibration_text(min_chars: int = 30_000) -> str:
+    """Paragraphs that come after the evaluation text and do not repeat any of it (the manual repeats some
+    paragraphs under several topics): quantizers calibrate on these, never on the text they are judged on."""
+    held_out = set(_prose_paragraphs(0, 60_000))
+    fresh = [p for p in _prose_paragraphs(60_000, 10 * min_chars) if p not in held_out]
+    out: list[str] = []
+    for paragraph in fresh:
+        out.append(paragraph)
+        if sum(map(len, out)) >= min_chars:
+            break
+    return "\n\n".join(out)
+
+
+def _prose_paragraphs(skip_chars: int, min_chars: int) -> list[str]:
     from pydoc_data.topics import topics
 
     paragraphs: list[str] = []
-    total = 0
+    seen = total = 0
     for name in sorted(topics):
         for block in re.split(r"\n\s*\n", topics[name]):
-            if _is_prose(block):
-                paragraph = " ".join(line.strip() for line in block.splitlines())
-                paragraphs.append(paragraph)
-                total += len(paragraph)
-                if total >= min_chars:
-                    return "\n\n".join(paragraphs)
-    return "\n\n".join(paragraphs)
+            if not _is_prose(block):
+                continue
+            paragraph = " ".join(line.strip() for line in block.splitlines())
+            if seen < skip_chars:
+                seen += len(paragraph)
+                continue
+            paragraphs.append(paragraph)
+            total += len(paragraph)
+            if total >= min_chars:
+                return paragraphs
+    return paragraphs
 
 
 def _is_prose(block: str) -> bool:

@@ -30,6 +30,9 @@ class ExportPlan:
     delegate: str | None
     max_context: int
     output: Path
+    verify: bool = True  # the quality gate (sdk/verify.py) on the staged bundle
+    keep_failed: bool = False  # keep a bundle that fails the gate, marked failed in its manifest
+    fit: Any = None  # edgepack.fit.FitReport: memory and size against the target, when the config was readable
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,8 @@ def plan_export(
     output: str | Path | None = None,
     backend: str | None = None,
     group_size: int | None = None,
+    verify: bool = True,
+    keep_failed: bool = False,
 ) -> ExportPlan:
     from edgepack.exporters import known_exporters
 
@@ -67,8 +72,24 @@ def plan_export(
     context = max_context or target.default_context
     if context < 16 or context > 131072:
         raise UsageError(f"--max-context {context} is out of range", "use a value between 16 and 131072")
+    from edgepack.exporters import preflight
+
+    preflight(chosen[0], target, chosen[1], preset)  # e.g. the ONNX/QNN runtime installed, the SoC known
     out = Path(output) if output else Path("bundles") / f"{_slug(source)}-{target.name}-{preset.name}"
-    return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out)
+    from edgepack.fit import peek_config
+
+    config = peek_config(source)  # config.json or the GGUF header: no weights read
+    fit = _fit_check(config, target, preset, context, chosen[0]) if config else None
+    return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out, verify, keep_failed, fit=fit)
+
+
+def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, backend: str) -> Any:
+    """Refuse, before any long work, a model that would not fit the target's memory or bundle budget."""
+    from edgepack.fit import check_fit
+
+    report = check_fit(config, preset, target, context, backend)
+    report.raise_if_not_fits()
+    return report
 
 
 def _default_delegate(target: Target, backend: str) -> str | None:
@@ -89,10 +110,11 @@ def _slug(source: str | None) -> str:
 def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Build the bundle the plan describes; returns its manifest."""
     from edgepack.bundle import write_bundle
-    from edgepack.exporters import ExportRequest, get_exporter
+    from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
     from edgepack.intake import load_student
     from edgepack.model import build_model
     from edgepack.quantize import apply_preset
+    from edgepack.verify import VerificationFailed, gate_export
 
     started = time.perf_counter()
     exporter = get_exporter(plan.backend)
@@ -104,9 +126,12 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
             f"({student.config.max_position_embeddings})",
             f"use --max-context {student.config.max_position_embeddings} or less",
         )
+    if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
+        _fit_check(student.config, plan.target, plan.preset, plan.max_context, plan.backend)
     model = build_model(student.config, student.state_dict, plan.max_context)
     step(f"quantize ({plan.preset.name})")
-    model = apply_preset(model, plan.preset, student.int4_blocks)
+    if not exporter_quantizes(plan.backend):
+        model = apply_preset(model, plan.preset, student.int4_blocks, _calibration_ids(student))
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
     with write_bundle(plan.output) as writer:
         tokenizer = _write_tokenizer(writer, student)
@@ -119,6 +144,9 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
             bos_id=student.bos_id,
             eos_ids=student.eos_ids,
             step=step,
+            target=plan.target,
+            preset=plan.preset,
+            int4_blocks=student.int4_blocks,
         )
         backend_section = exporter(request)
         step("write manifest")
@@ -140,7 +168,20 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
                 "export_seconds": round(time.perf_counter() - started, 1),
             }
         )
+        manifest = gate_export(writer, manifest, student, plan.verify, plan.keep_failed, step)
+    if manifest["verification"]["status"] == "failed":
+        raise VerificationFailed(manifest["verification"], kept=plan.output)
     return manifest
+
+
+def _calibration_ids(student: Any, tokens: int = 1024) -> list[int]:
+    """Token ids of held-out real text (never the evaluation text) for the quantizer's calibration."""
+    from tokenizers import Tokenizer
+
+    from edgepack.evaltext import calibration_text
+
+    tokenizer = Tokenizer.from_str(student.tokenizer_files["tokenizer.json"].decode("utf-8"))
+    return tokenizer.encode(calibration_text(), add_special_tokens=False).ids[:tokens]
 
 
 def _write_tokenizer(writer: Any, student: Any) -> dict[str, Any]:

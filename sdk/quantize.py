@@ -79,6 +79,11 @@ PRESETS: dict[str, QuantPreset] = {
 }
 
 
+# How far output-layer smoothing moves activation range into the weights (SmoothQuant's alpha). Measured on
+# the default model (int4 preset, eager, 1024 tokens): top-1 91.2% without, 92.1% at 0.5, 90.3% at 0.7.
+SMOOTHING_ALPHA = 0.5
+CALIBRATION_CHUNK = 128
+
 # The small offset matmuls of carried Q4_1 blocks (1/32 of the weights): int8 per output channel.
 OFFSETS_RECIPE = "8da8w"
 
@@ -144,8 +149,47 @@ class BlockOffsetLinear(nn.Module):
         return self.main(x) + self.offsets(sums)
 
 
-def apply_preset(model: nn.Module, preset: QuantPreset, blocks: dict[str, Int4Blocks] | None = None) -> nn.Module:
+def smooth_output_layer(model: nn.Module, calibration_ids: list[int], alpha: float = SMOOTHING_ALPHA) -> None:
+    """Move the output layer's activation outliers into its weights before int8 activation quantization.
+
+    The final norm's output has a few channels ~20x larger than the rest (55 vs 3 on SmolLM2), so a
+    per-token int8 scale wastes most of its levels on them. Dividing channel j by s_j and multiplying
+    weight column j by s_j leaves the float math unchanged; the division is folded into the final norm's
+    weight (kept in float), so it costs nothing at run time (SmoothQuant, Xiao et al. 2023).
+    Calibrate on text other than the evaluation text.
+    """
+    seen: list[torch.Tensor] = []
+    hook = model.lm_head.register_forward_hook(
+        lambda _m, inputs, _out: seen.append(inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0))
+    )
+    try:
+        with torch.no_grad():
+            ids = torch.tensor(calibration_ids[: model.max_context], dtype=torch.long)
+            for start in range(0, len(ids), CALIBRATION_CHUNK):
+                model(ids[None, start : start + CALIBRATION_CHUNK], torch.tensor([start]))
+    finally:
+        hook.remove()
+        model.reset_cache()
+    x_max = torch.stack(seen).amax(0).clamp(min=1e-5)
+    head = model.lm_head
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie from the table
+    w_max = head.weight.abs().amax(0).clamp(min=1e-5)
+    scale = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-2)
+    with torch.no_grad():
+        model.model.norm.weight.div_(scale)
+        head.weight.mul_(scale)
+
+
+def apply_preset(
+    model: nn.Module,
+    preset: QuantPreset,
+    blocks: dict[str, Int4Blocks] | None = None,
+    calibration_ids: list[int] | None = None,
+) -> nn.Module:
     """Quantize in place by the preset's recipe for each part.
+
+    `calibration_ids`: tokens of real text; with them an output layer that gets dynamic int8 activations
+    is smoothed first (see `smooth_output_layer`).
 
     `blocks`: int4 blocks the student already has (GGUF Q4_0/Q4_1), by weight name; an int4 linear with
     group size 32 takes them as they are instead of rounding its float weights again. A tied embedding is
@@ -159,6 +203,8 @@ def apply_preset(model: nn.Module, preset: QuantPreset, blocks: dict[str, Int4Bl
     blocks = blocks or {}
     head = model.lm_head
     head.weight = nn.Parameter(head.weight.detach().clone())
+    if calibration_ids and (preset.lm_head or "").startswith("8da"):
+        smooth_output_layer(model, calibration_ids)
     group = preset.group_size
     with torch.no_grad():
         if preset.linear:

@@ -1,21 +1,54 @@
-"""How close an artifact is to its full-precision reference, measured on real text under teacher forcing.
+"""The quality gate: how close a bundle is to its full-precision reference, measured through its real backend.
 
-Both models read the same token sequence; at every position we compare their next-token distributions:
-top-1 agreement (does the artifact pick the reference's token?), mean KL(reference || artifact), and
-each model's perplexity on the actual next tokens. Greedy-matching whole continuations is too harsh for
-quantized models (one flipped near-tie changes everything after it); these per-position figures are not.
+Both models read the same real text (sdk/evaltext.py) under teacher forcing; at every position we compare
+their next-token distributions: top-1 agreement (does the bundle pick the reference's token?), mean
+KL(reference || bundle), and each model's perplexity on the actual next tokens. These three are gated by
+per-preset thresholds (sdk/thresholds.toml). Greedy continuations of a few chat prompts are compared token
+by token too, but only reported: one flipped near-tie changes everything after it, so they are too harsh
+for quantized models. The bundle's tokenizer and chat template are checked against the reference tokenizer
+as `transformers` loads it from the student's own files.
+
+The reference is the project's fp32 `CausalLM` built from the student the bundle names (or `--reference`),
+run eagerly through the same `Session` API as the bundle.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Protocol, Sequence
+import tempfile
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from edgepack.errors import EdgepackError, UsageError
+
+if TYPE_CHECKING:
+    from edgepack.intake import Student
+    from edgepack.runtime import Session
+
+THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
+DEFAULT_EVAL_TOKENS = 1024  # positions scored; enough for 3-digit top-1 precision, seconds on 2 cores
+GREEDY_TOKENS = 32
+CHAT_PROMPTS: tuple[tuple[dict[str, str], ...], ...] = (
+    ({"role": "user", "content": "What is the capital of France?"},),
+    ({"role": "user", "content": "Write a Python function that returns the n-th Fibonacci number."},),
+    (
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "Explain in two sentences why the sky is blue."},
+    ),
+)
+# Tokenizer probe beside the evaluation text: accents, CJK, emoji, tabs and runs of spaces and newlines.
+TOKENIZER_PROBE = "naïve café — Größe 東京 🙂 x\t=\t1;\n\n    indented  two  spaces\r\nend"
 
 
 class Scorer(Protocol):
     def score(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray: ...
+
+
+# --- teacher-forcing figures ----------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -34,6 +67,36 @@ class Agreement:
         return {**asdict(self), "perplexity_ratio": self.perplexity_ratio}
 
 
+@dataclass
+class _Positions:
+    """Per-position figures, gathered window by window, reduced to an `Agreement` at the end."""
+
+    agree: list[np.ndarray] = field(default_factory=list)
+    kl: list[np.ndarray] = field(default_factory=list)
+    ref_nll: list[np.ndarray] = field(default_factory=list)
+    cand_nll: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, targets: np.ndarray, rows: int = 128) -> None:
+        # Row blocks keep float64 log-softmax over a 50k-150k vocabulary to a few tens of MB.
+        for i in range(0, len(targets), rows):
+            ref_lp, cand_lp = log_softmax(reference[i : i + rows]), log_softmax(candidate[i : i + rows])
+            picked = np.arange(len(ref_lp)), targets[i : i + rows]
+            self.agree.append(ref_lp.argmax(-1) == cand_lp.argmax(-1))
+            self.kl.append((np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1))
+            self.ref_nll.append(-ref_lp[picked])
+            self.cand_nll.append(-cand_lp[picked])
+
+    def result(self) -> Agreement:
+        agree = np.concatenate(self.agree)
+        return Agreement(
+            tokens=int(agree.size),
+            top1_agreement=float(agree.mean()),
+            mean_kl=float(np.concatenate(self.kl).mean()),
+            perplexity_reference=float(np.exp(np.concatenate(self.ref_nll).mean())),
+            perplexity_candidate=float(np.exp(np.concatenate(self.cand_nll).mean())),
+        )
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -42,19 +105,374 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def compare_logits(reference: np.ndarray, candidate: np.ndarray, token_ids: Sequence[int]) -> Agreement:
     """reference/candidate: [N, vocab] logits for positions 0..N-1 of `token_ids` (length N)."""
-    ids = np.asarray(token_ids)
-    ref_lp, cand_lp = log_softmax(reference[:-1]), log_softmax(candidate[:-1])
-    targets = ids[1:]
-    rows = np.arange(len(targets))
-    kl = (np.exp(ref_lp) * (ref_lp - cand_lp)).sum(axis=-1)
-    return Agreement(
-        tokens=len(targets),
-        top1_agreement=float((ref_lp.argmax(-1) == cand_lp.argmax(-1)).mean()),
-        mean_kl=float(kl.mean()),
-        perplexity_reference=float(np.exp(-ref_lp[rows, targets].mean())),
-        perplexity_candidate=float(np.exp(-cand_lp[rows, targets].mean())),
+    positions = _Positions()
+    positions.add(reference[:-1], candidate[:-1], np.asarray(token_ids)[1:])
+    return positions.result()
+
+
+def teacher_forcing(
+    reference: Scorer, candidate: Scorer, token_ids: Sequence[int], window: int | None = None
+) -> Agreement:
+    """Score `token_ids` with both; a sequence longer than `window` (the bundle's context) is scored in
+    windows that overlap by one token, each from position 0, so every token but the first is predicted once."""
+    ids = np.asarray(token_ids, dtype=np.int64)
+    window = max(2, min(window or ids.size, ids.size))
+    positions = _Positions()
+    for start in range(0, ids.size - 1, window - 1):
+        part = ids[start : start + window]
+        if part.size < 2:
+            break
+        positions.add(reference.score(part)[:-1], candidate.score(part)[:-1], part[1:])
+    return positions.result()
+
+
+# --- thresholds (data: sdk/thresholds.toml) -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    min_top1: float
+    max_kl: float
+    max_ppl_ratio: float
+
+    def failures(self, a: Agreement) -> list[str]:
+        found = []
+        if not a.top1_agreement >= self.min_top1:
+            found.append(f"top-1 agreement {a.top1_agreement:.1%} < {self.min_top1:.1%}")
+        if not a.mean_kl <= self.max_kl:
+            found.append(f"mean KL {a.mean_kl:.4g} > {self.max_kl:g}")
+        if not a.perplexity_ratio <= self.max_ppl_ratio:
+            found.append(f"perplexity ratio {a.perplexity_ratio:.3f} > {self.max_ppl_ratio:g}")
+        return found
+
+
+def load_thresholds(path: Path = THRESHOLDS_FILE) -> dict[str, Any]:
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+def thresholds_for(
+    preset: str, backend: str, delegate: str | None = None, table: Mapping[str, Any] | None = None
+) -> Thresholds:
+    """The preset's thresholds, overridden by its `backends."name/delegate"` (or `"name"`) table if any."""
+    table = load_thresholds() if table is None else table
+    if preset not in table:
+        raise EdgepackError(
+            f"no quality thresholds for quantization preset {preset!r}",
+            f"add a [{preset}] table to {THRESHOLDS_FILE.name}",
+        )
+    entry = dict(table[preset])
+    overrides = entry.pop("backends", {})
+    for key in (backend, f"{backend}/{delegate}" if delegate else None):
+        if key and key in overrides:
+            entry.update(overrides[key])
+    return Thresholds(**{k: float(entry[k]) for k in ("min_top1", "max_kl", "max_ppl_ratio")})
+
+
+# --- the report ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """Everything one verification measured; `to_dict` is the manifest's `verification` section."""
+
+    preset: str
+    backend: str
+    reference: str
+    text: dict[str, Any]
+    thresholds: Thresholds
+    agreement: Agreement
+    greedy: list[dict[str, Any]]
+    tokenizer: dict[str, Any]
+    failures: list[str]
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        compared = sum(g.get("compared", 0) for g in self.greedy)
+        return {
+            "status": "passed" if self.passed else "failed",
+            "preset": self.preset,
+            "backend": self.backend,
+            "reference": {"model": self.reference, "precision": "fp32", "runtime": "edgepack reference (torch)"},
+            "text": self.text,
+            "teacher_forcing": self.agreement.to_dict(),
+            "thresholds": asdict(self.thresholds),
+            "greedy": {
+                "matched": sum(g.get("matched", 0) for g in self.greedy),
+                "compared": compared,
+                "prompts": self.greedy,
+            },
+            "tokenizer": self.tokenizer,
+            "failures": self.failures,
+            "seconds": round(self.seconds, 1),
+        }
+
+    def summary(self) -> str:
+        a = self.agreement
+        return (
+            f"top-1 {a.top1_agreement:.1%}, mean KL {a.mean_kl:.4f}, "
+            f"perplexity {a.perplexity_candidate:.2f} vs {a.perplexity_reference:.2f} (x{a.perplexity_ratio:.3f})"
+        )
+
+
+class VerificationFailed(EdgepackError):
+    """The bundle is not close enough to its reference; carries the report so the CLI can show the figures."""
+
+    def __init__(self, report: Mapping[str, Any], kept: Path | None = None, fix: str | None = None) -> None:
+        self.report = dict(report)
+        problem = (
+            f"the bundle failed verification against its fp32 reference ({report['preset']} on "
+            f"{report['backend']}): " + "; ".join(report["failures"])
+        )
+        fix = fix or (
+            f"it was kept at {kept} and marked failed in its manifest"
+            if kept
+            else "no bundle was written: the export is broken (--keep-failed keeps it for inspection)"
+        )
+        super().__init__(problem, fix)
+
+
+class BackendUnavailable(EdgepackError):
+    """The bundle's backend cannot run on this machine (e.g. a missing runtime package): nothing to measure."""
+
+
+def gate_export(
+    writer: Any,
+    manifest: dict[str, Any],
+    student: "Student",
+    enabled: bool = True,
+    keep_failed: bool = False,
+    step: Callable[[str], None] = lambda _msg: None,
+) -> dict[str, Any]:
+    """The export's last step, on the staged bundle before it is moved into place: verify it and record the
+    result in its manifest. A failure raises (the staging folder is then discarded) unless `keep_failed`."""
+    from edgepack.bundle import MANIFEST
+
+    if enabled:
+        step("verify against the fp32 reference")
+        try:
+            section = verify_bundle(writer.dir, student=student).to_dict()
+        except BackendUnavailable as e:  # recorded, not hidden: `edgepack verify` it where it runs
+            section = {"status": "not_run", "reason": e.one_line()}
+        if section["status"] == "failed" and not keep_failed:
+            raise VerificationFailed(section)
+    else:
+        section = {"status": "skipped", "reason": "--no-verify"}
+    manifest = {**manifest, "verification": section}
+    writer.write_json(MANIFEST, manifest)  # the checksum list covers the other files, not the manifest
+    return manifest
+
+
+def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A `verification` section as (label, value) rows for the CLI's table."""
+    if report.get("status") in ("skipped", "not_run"):
+        return [("verification", f"{report['status'].replace('_', ' ')}: {report.get('reason', '')}")]
+    tf, th, greedy, tok = report["teacher_forcing"], report["thresholds"], report["greedy"], report["tokenizer"]
+    ok = lambda good: "✓" if good else "✗"  # noqa: E731
+    rows = [
+        ("status", f"{report['status'].upper()}: {report['preset']} on {report['backend']} vs fp32 reference"),
+        ("top-1 agreement", f"{tf['top1_agreement']:.1%}  (min {th['min_top1']:.1%}) "
+         f"{ok(tf['top1_agreement'] >= th['min_top1'])}"),
+        ("mean KL", f"{tf['mean_kl']:.4f}  (max {th['max_kl']:g}) {ok(tf['mean_kl'] <= th['max_kl'])}"),
+        ("perplexity", f"{tf['perplexity_candidate']:.3f} vs {tf['perplexity_reference']:.3f}, ratio "
+         f"{tf['perplexity_ratio']:.3f}  (max {th['max_ppl_ratio']:g}) {ok(tf['perplexity_ratio'] <= th['max_ppl_ratio'])}"),
+        ("greedy", f"{greedy['matched']}/{greedy['compared']} tokens match the reference "
+         f"({len(greedy['prompts'])} chat prompts; informative)"),
+        ("tokenizer", "  ".join(f"{k.replace('_', ' ')} {ok(v)}" for k, v in tok.items() if isinstance(v, bool))),
+        ("text", f"{report['text']['tokens']} tokens of {report['text']['source']}"),
+        ("reference", report["reference"]["model"]),
+        ("time", f"{report['seconds']:.0f} s"),
+    ]
+    rows += [("failure", f) for f in report["failures"]]
+    return rows
+
+
+# --- the verification itself -----------------------------------------------------------------------------
+
+
+def verify_bundle(
+    bundle: str | Path,
+    reference: str | None = None,
+    text_file: str | Path | None = None,
+    eval_tokens: int = DEFAULT_EVAL_TOKENS,
+    student: "Student | None" = None,
+    step: Callable[[str], None] = lambda _msg: None,
+) -> Report:
+    """Measure `bundle` against the fp32 reference; `student` (already loaded, e.g. by the export) saves a reload."""
+    from edgepack import runtime
+    from edgepack.bundle import read_manifest
+    from edgepack.evaltext import fingerprint, load_text
+
+    started = time.perf_counter()
+    if eval_tokens < 16:
+        raise UsageError(f"--tokens {eval_tokens} is too few", "score at least 16 tokens (default 1024)")
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    preset, backend = manifest["quantization"]["name"], manifest["backend"]["name"]
+    delegate = manifest["backend"].get("delegate")
+    thresholds = thresholds_for(preset, backend, delegate)
+    text, text_source = load_text(text_file)
+    if student is None:
+        step("load reference model")
+        student = _load_reference_student(reference, manifest)
+    _check_same_model(student, manifest)
+
+    step("open bundle")
+    try:
+        session = runtime.load(bundle)
+    except EdgepackError as e:  # an environment problem (OS, runtime package); a broken program raises others
+        # A bundle whose runtime needs another OS (Core ML) names a host check: its weights read back out of
+        # the program, run by the reference model.
+        if not manifest["backend"].get("host_check"):
+            raise BackendUnavailable(
+                f"cannot run the {backend} backend here to verify the bundle ({e.problem})",
+                "run `edgepack verify BUNDLE` where it runs",
+            ) from None
+        step(f"open bundle through its host check ({manifest['backend']['host_check']})")
+        session = runtime.load(bundle, backend=manifest["backend"]["host_check"])
+    ref = _reference_session(student, manifest)
+    hf_tokenizer = _hf_tokenizer(student)
+
+    step("check tokenizer")
+    tokenizer = check_tokenizer(session.tokenizer, hf_tokenizer, student.chat_template, text)
+    ids = ref.tokenizer.encode(text)[: eval_tokens + 1]
+    if len(ids) < eval_tokens + 1:
+        raise EdgepackError(
+            f"the evaluation text has {len(ids)} tokens, fewer than the {eval_tokens} to score",
+            "pass a longer --text or fewer --tokens",
+        )
+
+    step(f"teacher forcing ({eval_tokens} tokens)")
+    agreement = teacher_forcing(ref, session, ids, window=min(session.max_context, ref.max_context))
+    step("greedy continuations")
+    greedy = [compare_greedy(ref, session, messages) for messages in CHAT_PROMPTS]
+
+    failures = thresholds.failures(agreement)
+    failures += [f"tokenizer: {k.replace('_', ' ')} differs from the reference" for k, v in tokenizer.items() if v is False]
+    return Report(
+        preset=preset,
+        backend=backend + (f"/{delegate}" if delegate else ""),
+        reference=student.source,
+        text={"source": text_source, "sha256": fingerprint(text), "tokens": agreement.tokens},
+        thresholds=thresholds,
+        agreement=agreement,
+        greedy=greedy,
+        tokenizer=tokenizer,
+        failures=failures,
+        seconds=time.perf_counter() - started,
     )
 
 
-def teacher_forcing(reference: Scorer, candidate: Scorer, token_ids: Sequence[int]) -> Agreement:
-    return compare_logits(reference.score(token_ids), candidate.score(token_ids), token_ids)
+def compare_greedy(reference: "Session", candidate: "Session", messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+    """Greedy replies of both to one chat prompt; `matched` counts the tokens before the first difference."""
+    prompt = messages[-1]["content"]
+    _, ids = candidate.prompt_ids(messages)
+    new_tokens = min(GREEDY_TOKENS, candidate.max_context - len(ids) - 1, reference.max_context - len(ids) - 1)
+    if new_tokens < 1:
+        return {"prompt": prompt, "skipped": "prompt does not fit the context"}
+    options = {"max_new_tokens": new_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
+    theirs = reference.complete(list(messages), **options).token_ids
+    ours = candidate.complete(list(messages), **options).token_ids
+    matched = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
+    compared = max(len(theirs), len(ours))
+    return {"prompt": prompt, "matched": matched, "compared": compared, "text": candidate.tokenizer.decode(ours)}
+
+
+def check_tokenizer(bundle_tok: Any, hf_tok: Any, chat_template: str | None, text: str) -> dict[str, bool | None]:
+    """The bundle's runtime tokenizer (tokenizers + jinja) against `transformers` on the student's own files."""
+    sample = text[:4000] + "\n" + TOKENIZER_PROBE
+    ours = bundle_tok.encode(sample, add_special=False)
+    theirs = list(hf_tok(sample, add_special_tokens=False)["input_ids"])
+    decoded = bundle_tok.decode(ours, skip_special=False)
+    result: dict[str, bool | None] = {
+        "ids_match": ours == theirs,
+        "decode_match": decoded == hf_tok.decode(theirs, skip_special_tokens=False),
+        "round_trip": decoded == sample,
+        "chat_template_match": None,  # no template: the plain-prompt fallback, nothing to compare
+    }
+    if chat_template:
+        same = True
+        for messages in CHAT_PROMPTS:
+            rendered = bundle_tok.render_chat(list(messages), add_generation_prompt=True)
+            expected = hf_tok.apply_chat_template(
+                [dict(m) for m in messages], tokenize=False, add_generation_prompt=True, chat_template=chat_template
+            )
+            same = same and rendered == expected
+            same = same and bundle_tok.encode(rendered, add_special=False) == list(
+                hf_tok(expected, add_special_tokens=False)["input_ids"]
+            )
+        result["chat_template_match"] = same
+    return result
+
+
+def _load_reference_student(reference: str | None, manifest: Mapping[str, Any]) -> "Student":
+    """The student the bundle was exported from (manifest `model.source`), unless `--reference` names one."""
+    from edgepack.intake import default_model_path, load_student
+
+    source = reference or manifest["model"].get("source")
+    if not source:
+        raise UsageError("the bundle's manifest names no source model", "pass the fp32 model with --reference")
+    if reference is None and not Path(source).exists() and not _looks_like_hub_id(source):
+        try:  # the default model exported on another machine: the same GGUF installed here
+            default = default_model_path()
+        except EdgepackError:
+            default = None
+        if default is None or Path(source).name != default.name:
+            raise EdgepackError(
+                f"the bundle's source model {source} is not on this machine", "pass it with --reference MODEL"
+            )
+        source = str(default)
+    return load_student(source)
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _check_same_model(student: "Student", manifest: Mapping[str, Any]) -> None:
+    """A reference of another shape cannot be compared (e.g. --reference pointing at a different model)."""
+    expected = manifest["model"]["config"]
+    found = student.config.to_dict()
+    differing = [k for k in ("architecture", "vocab_size", "hidden_size", "num_layers") if found[k] != expected[k]]
+    if differing:
+        raise UsageError(
+            f"the reference model {student.source} is not the bundle's model ({differing[0]}: "
+            f"{found[differing[0]]} vs {expected[differing[0]]})",
+            "pass the fp32 checkpoint the bundle was exported from with --reference",
+        )
+
+
+def _reference_session(student: "Student", manifest: Mapping[str, Any]) -> "Session":
+    from edgepack.model import build_model
+    from edgepack.runtime import BundleTokenizer, Session, TorchDecoder
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-reference-") as tmp:
+        folder = Path(tmp)
+        for name, data in student.tokenizer_files.items():
+            (folder / name).write_bytes(data)
+        tokenizer = BundleTokenizer.from_files(
+            folder / "tokenizer.json",
+            folder / "tokenizer_config.json" if (folder / "tokenizer_config.json").exists() else None,
+            bos_id=student.bos_id,
+            add_bos=student.add_bos,
+            eos_ids=student.eos_ids,
+            stop_ids=student.eos_ids,
+        )
+    tokenizer.chat_template = student.chat_template or tokenizer.chat_template
+    model = build_model(student.config, student.state_dict, max_context=int(manifest["context_length"]))
+    prefill = manifest["backend"].get("max_prefill") or 128
+    return Session(TorchDecoder(model, max_prefill_chunk=prefill), tokenizer, {"tokenizer": manifest.get("tokenizer")})
+
+
+def _hf_tokenizer(student: "Student") -> Any:
+    """`transformers`' own tokenizer over the student's files: the independent side of the tokenizer check."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="edgepack-hf-tokenizer-") as tmp:
+        for name, data in student.tokenizer_files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp, local_files_only=True)

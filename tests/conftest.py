@@ -71,3 +71,13 @@ def default_fp32_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "fp32"
     run_export(plan_export(None, "host", quant="fp32", max_context=512, output=out))
     return out
+
+
+@pytest.fixture(scope="session")
+def default_coreml_bundle(tmp_path_factory):
+    """The default model for iphone-16-pro: int4 Core ML package (independent of the ExecuTorch fixtures)."""
+    from edgepack.export import plan_export, run_export
+
+    out = tmp_path_factory.mktemp("default") / "coreml"
+    run_export(plan_export(None, "iphone-16-pro", output=out))
+    return out

@@ -6,10 +6,17 @@ bundle must meet on it, per-backend options (e.g. the QNN SoC id), and where eac
 
 File schema (TOML):
     name, description, os, soc, ram_gb, backends = ["backend/delegate", ...], default_quant, default_context
-    [hardware]   cpu_cores, app_memory_limit_gb, memory_bandwidth_gbs, accelerator, accelerator_tops, ...
-    [budgets]    bundle_mb, peak_memory_mb, ttft_ms_128, decode_tok_s_min
+    [hardware]   cpu (text), cpu_cores, cpu_fp32_gflops (peak, all cores), memory (text),
+                 memory_bandwidth_gbs (peak DRAM), app_memory_limit_gb (what one foreground app may use before
+                 the OS kills it; the fit check's ceiling), app_memory_limit_entitled_gb (iOS, with the
+                 increased-memory-limit entitlement; informative), accelerator (text), accelerator_tops (INT8);
+                 host.toml has `measured = true` instead: `edgepack profile` measures this machine.
+    [budgets]    bundle_mb, peak_memory_mb (at the max context), ttft_ms_128 (first token after a 128-token
+                 prompt), decode_tok_s_min; all four required, numbers > 0
     [options.<backend>]  backend-specific settings, e.g. [options.onnx] soc_model = "SM8750", htp_arch = 79
-    [sources]    figure name -> citation (where the number comes from)
+    [sources]    figure name -> citation (where the number comes from; "estimate: how" where it is one);
+                 every numeric [hardware] figure, soc and ram_gb needs an entry (cpu_cores and ram_gb may share
+                 the soc entry; host.toml cites its whole [hardware] group as measured)
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ from importlib import resources
 from typing import Any
 
 from edgepack.errors import UsageError
+
+BUDGET_KEYS = ("bundle_mb", "peak_memory_mb", "ttft_ms_128", "decode_tok_s_min")
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,27 @@ def all_targets() -> dict[str, Target]:
             data = tomllib.loads(entry.read_text(encoding="utf-8"))
             data["backends"] = tuple(data["backends"])
             target = Target(**data)
+            _check(target, entry.name)
             if target.name in found or target.name != entry.name.removesuffix(".toml"):
                 raise ValueError(f"target file {entry.name} must define a unique name equal to its file name")
             found[target.name] = target
     return found
+
+
+def _check(target: Target, file: str) -> None:
+    """A malformed target file is a bug in edgepack (they ship with it): fail loudly, naming the file."""
+    budgets = target.budgets
+    bad = [k for k in BUDGET_KEYS if not isinstance(budgets.get(k), (int, float)) or budgets[k] <= 0]
+    if bad:
+        raise ValueError(f"target file {file}: [budgets] needs positive numbers for {', '.join(bad)}")
+    cited = set(target.sources) | ({"cpu_cores", "ram_gb"} if "soc" in target.sources else set())
+    uncited = [
+        k
+        for k, v in [("soc", target.soc), ("ram_gb", target.ram_gb), *target.hardware.items()]
+        if v is not None and not isinstance(v, (str, bool)) and k not in cited
+    ]
+    if uncited and "hardware" not in cited:
+        raise ValueError(f"target file {file}: [sources] has no citation for {', '.join(uncited)}")
 
 
 def get_target(name: str) -> Target:

@@ -1,0 +1,101 @@
+"""Lower the decoder to ONNX for ONNX Runtime: delegate "cpu" (one dynamic-shape model) or "qnn" (the
+Snapdragon Hexagon NPU bundle: EPContext models for the target's SoC, plus the CPU model as fallback).
+
+The CPU model takes `input_ids [1, T]` and the KV cache of every layer as explicit inputs
+(`past_key_i [1, kv_heads, P, head_dim]`, P = tokens already cached = the position of the first new token)
+and returns `logits [1, T, vocab]` and `present_key_i` (the cache grown by T). Presets: fp32, and int4 as
+ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1 blocks carried exactly; embedding and output layer
+int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import EdgepackError, UsageError
+from edgepack.exporters import ExportRequest, register_exporter
+
+CPU_PROGRAM = "model.onnx"
+PRESET_WEIGHTS = {"fp32": "fp32", "int4": "int4"}  # edgepack preset -> onnx_graph weights flavour
+ORT_PIN = "onnx==1.23.2 onnxruntime==1.32.0"
+
+
+def require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise EdgepackError(f"the ONNX toolchain is not installed ({e})", f"pip install {ORT_PIN}") from None
+
+
+def check_onnx_export(target: Any, delegate: str | None, preset: Any) -> None:
+    """Everything that can fail cheaply, before the model is loaded."""
+    if preset.name not in PRESET_WEIGHTS:
+        raise UsageError(
+            f"the ONNX exporter has no {preset.name!r} preset", f"use --quant {' or '.join(PRESET_WEIGHTS)}"
+        )
+    if delegate not in (None, "cpu", "qnn"):
+        raise UsageError(f"unknown ONNX delegate {delegate!r}", "use --backend onnx/cpu or onnx/qnn")
+    require_onnx()
+    if delegate == "qnn":
+        from edgepack.exporters.onnx_qnn import npu_options
+
+        npu_options(target)  # onnxruntime-qnn present, SoC and HTP arch known and consistent
+
+
+@register_exporter("onnx", quantizes=True, preflight=check_onnx_export)
+def export_onnx(request: ExportRequest) -> dict[str, Any]:
+    """Write the CPU model (and for delegate "qnn" the NPU context models); returns the backend section."""
+    import onnxruntime
+
+    preset_name = request.preset.name if request.preset else "fp32"
+    npu = None
+    if request.delegate == "qnn":
+        from edgepack.exporters.onnx_qnn import check_npu_budget, export_npu, npu_options
+
+        options = npu_options(request.target)
+        check_npu_budget(request.model.config, options, request.target)  # before any long work
+    cpu = write_cpu_model(request, PRESET_WEIGHTS[preset_name])
+    if request.delegate == "qnn":
+        npu = export_npu(request, options)
+    section: dict[str, Any] = {
+        "name": "onnx",
+        "delegate": request.delegate or "cpu",
+        "program": npu["decode_program"] if npu else CPU_PROGRAM,
+        "max_prefill": request.max_prefill,
+        "onnxruntime": onnxruntime.__version__,
+        "cpu": cpu,
+    }
+    if npu:
+        section["npu"] = npu
+        section["fallback"] = "cpu"
+    return section
+
+
+def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
+    from edgepack.exporters.onnx_graph import GraphSpec, build_decoder
+
+    request.step(f"write ONNX graph ({weights})")
+    blocks = request.int4_blocks if weights == "int4" else {}
+    proto = build_decoder(request.model, GraphSpec(weights), blocks)
+    save_model(proto, request.writer.path(CPU_PROGRAM))
+    carried = sorted(k for k in blocks if not k.startswith("lm_head"))
+    return {
+        "program": CPU_PROGRAM,
+        "weights": weights,
+        "int4_block": 32 if weights == "int4" else None,
+        "gguf_blocks_carried": len(carried),
+        "inputs": "input_ids[1,T] int64, past_key_i/past_value_i[1,kv_heads,P,head_dim] (P = start position)",
+        "outputs": "logits[1,T,vocab], present_key_i/present_value_i[1,kv_heads,P+T,head_dim]",
+    }
+
+
+def save_model(proto: Any, path: Path) -> None:
+    """One file up to protobuf's 2 GB; beyond that the weights go to `<name>.data` beside it."""
+    import onnx
+
+    if proto.ByteSize() < 1_900_000_000:
+        onnx.save_model(proto, str(path))
+    else:
+        onnx.save_model(proto, str(path), save_as_external_data=True, location=Path(path).name + ".data")

@@ -1,0 +1,197 @@
+"""ONNX Runtime backends: the CPU model (`onnx/cpu`) and the Hexagon NPU context models through the QNN
+execution provider on its HTP backend (`onnx/qnn`; on x86 Linux that is Qualcomm's HTP simulator).
+
+Both keep the KV cache on the host, because the models take it as explicit inputs/outputs:
+- CPU: the cache grows by concat (`present_*` outputs become the next call's `past_*` inputs).
+- NPU: static shapes. Each graph reads `past [1, kv, C - T, D]` plus T new tokens and returns only the new
+  keys/values; the host owns a [1, kv, C, D] buffer per layer, writes them at their positions and passes
+  RoPE cos/sin and an additive mask (padding and empty cache slots masked) as inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgepack.errors import EdgepackError
+from edgepack.runtime.backend import register_backend
+
+NPU_MASK_VALUE = -80.0  # same constant the exporter calibrated with (exporters/onnx_graph.py)
+
+
+def session_options(threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    threads = threads or int(os.environ.get("EDGEPACK_THREADS", "0") or 0)
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+class OrtCpuDecoder:
+    """A `Decoder` over the CPU model: past cache in, present cache out."""
+
+    def __init__(self, program: Path | bytes, num_layers: int, kv_heads: int, head_dim: int, max_context: int,
+                 vocab_size: int, max_prefill_chunk: int = 128, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        source = program if isinstance(program, bytes) else str(program)
+        self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.max_context, self.vocab_size, self.max_prefill_chunk = max_context, vocab_size, max_prefill_chunk
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
+        self.cache: dict[str, np.ndarray] = {
+            f"past_{kind}_{i}": empty for i in range(self.num_layers) for kind in ("key", "value")
+        }
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1)
+        cached = self.cache["past_key_0"].shape[2]
+        if start_pos > cached or start_pos + tokens.shape[1] > self.max_context:
+            raise ValueError(f"start_pos {start_pos} with {tokens.shape[1]} tokens: cache holds {cached}, "
+                             f"max_context {self.max_context}")
+        feeds = {name: value[:, :, :start_pos] for name, value in self.cache.items()}
+        outs = self.session.run(None, {"input_ids": tokens, **feeds})
+        for name, value in zip(self.output_names[1:], outs[1:]):
+            self.cache[name.replace("present_", "past_")] = value
+        return outs[0][0]
+
+
+class StaticGraphDecoder:
+    """A `Decoder` over the NPU's two static graphs (prefill: T = chunk tokens, decode: T = 1).
+
+    `run(graph, feeds)` executes one graph ("prefill" or "decode"); `record`, if set, sees every feed
+    (the exporter calibrates the quantization on exactly what this host loop passes)."""
+
+    def __init__(self, run: Callable[[str, dict], list[np.ndarray]], num_layers: int, kv_heads: int,
+                 head_dim: int, context: int, prefill_len: int, vocab_size: int, inv_freq: np.ndarray,
+                 record: Callable[[str, dict], None] | None = None) -> None:
+        self._run, self.record = run, record
+        self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        self.max_context, self.prefill_len, self.vocab_size = context, prefill_len, vocab_size
+        self.max_prefill_chunk = prefill_len
+        self.inv_freq = np.asarray(inv_freq, np.float32)
+        self.reset()
+
+    def reset(self) -> None:
+        shape = (1, self.kv_heads, self.max_context, self.head_dim)
+        self.keys = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+        self.values = [np.zeros(shape, np.float32) for _ in range(self.num_layers)]
+
+    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if start_pos + tokens.size > self.max_context:
+            raise ValueError(f"positions up to {start_pos + tokens.size} exceed the NPU context {self.max_context}")
+        rows, pos, i = [], start_pos, 0
+        while i < tokens.size:
+            left = tokens.size - i
+            use_prefill = left > 1 and pos <= self.max_context - self.prefill_len
+            width = self.prefill_len if use_prefill else 1
+            count = min(width, left)
+            rows.append(self._step("prefill" if use_prefill else "decode", tokens[i : i + count], pos, width))
+            pos, i = pos + count, i + count
+        return np.concatenate(rows, axis=0)
+
+    def _step(self, graph: str, chunk: np.ndarray, pos: int, width: int) -> np.ndarray:
+        count, past = chunk.size, self.max_context - width
+        ids = np.zeros((1, width), np.int32)
+        ids[0, :count] = chunk
+        angles = (np.arange(width, dtype=np.float32) + pos)[:, None] * self.inv_freq[None, :]
+        angles = np.concatenate([angles, angles], axis=-1)
+        mask = np.full((width, self.max_context), NPU_MASK_VALUE, np.float32)
+        mask[:, :pos] = 0.0  # cached positions (slots >= pos of the past window are empty)
+        mask[:, past:] = np.where(np.tril(np.ones((width, width), bool)), 0.0, NPU_MASK_VALUE)
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "cos": np.cos(angles), "sin": np.sin(angles),
+                                        "attention_mask": mask}
+        for layer in range(self.num_layers):
+            feeds[f"past_key_{layer}"] = self.keys[layer][:, :, :past]
+            feeds[f"past_value_{layer}"] = self.values[layer][:, :, :past]
+        if self.record:
+            self.record(graph, feeds)
+        outs = self._run(graph, feeds)
+        for layer in range(self.num_layers):
+            self.keys[layer][:, :, pos : pos + count] = outs[1 + 2 * layer][:, :, :count]
+            self.values[layer][:, :, pos : pos + count] = outs[2 + 2 * layer][:, :, :count]
+        return outs[0][0, :count].astype(np.float32)
+
+
+def register_qnn() -> list[Any]:
+    """Register onnxruntime-qnn's plugin EP (once) and return its devices (naming it in `providers` does
+    nothing: it silently runs on CPU)."""
+    import onnxruntime as ort
+
+    try:
+        import onnxruntime_qnn as oq
+    except ImportError:
+        raise EdgepackError("onnxruntime-qnn is not installed", "pip install onnxruntime-qnn==2.7.0") from None
+    if not any(d.ep_name == oq.get_ep_name() for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(oq.get_ep_name(), oq.get_library_path())
+    return [d for d in ort.get_ep_devices() if d.ep_name == oq.get_ep_name()]
+
+
+def qnn_session(model: Path, ep_options: dict[str, str], extra_config: dict[str, str] | None = None) -> Any:
+    """A session with every node on the QNN EP: CPU fallback disabled, so a node HTP cannot run fails loudly."""
+    import onnxruntime as ort
+
+    devices = register_qnn()
+    so = session_options()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    for key, value in (extra_config or {}).items():
+        so.add_session_config_entry(key, value)
+    so.add_provider_for_devices(devices, {k: str(v) for k, v in ep_options.items()})
+    return ort.InferenceSession(str(model), so)
+
+
+def open_npu(bundle_dir: Path, manifest: dict[str, Any]) -> StaticGraphDecoder:
+    npu, cfg = manifest["backend"]["npu"], manifest["model"]["config"]
+    sessions = {g: qnn_session(Path(bundle_dir) / npu[f"{g}_program"], npu["ep_options"]) for g in ("prefill", "decode")}
+    return StaticGraphDecoder(
+        lambda graph, feeds: sessions[graph].run(None, feeds), cfg["num_layers"], cfg["num_kv_heads"],
+        cfg["head_dim"], int(npu["context"]), int(npu["prefill_len"]), cfg["vocab_size"], np.array(npu["inv_freq"]),
+    )
+
+
+def open_cpu(bundle_dir: Path, manifest: dict[str, Any]) -> OrtCpuDecoder:
+    backend, cfg = manifest["backend"], manifest["model"]["config"]
+    return OrtCpuDecoder(
+        Path(bundle_dir) / backend["cpu"]["program"], cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"],
+        int(manifest["context_length"]), cfg["vocab_size"], int(backend.get("max_prefill") or 128),
+    )
+
+
+def _require_onnx_bundle(manifest: dict[str, Any]) -> None:
+    if manifest["backend"]["name"] != "onnx":
+        raise EdgepackError(
+            f"this bundle was built for {manifest['backend']['name']!r}, not ONNX Runtime",
+            "run it with its own backend (leave --backend out)",
+        )
+
+
+@register_backend("onnx")
+def open_onnx(bundle_dir: Path, manifest: dict[str, Any]) -> Any:
+    """The bundle's own choice: the NPU models when it has them (QNN EP), else the CPU model."""
+    _require_onnx_bundle(manifest)
+    return open_npu(bundle_dir, manifest) if "npu" in manifest["backend"] else open_cpu(bundle_dir, manifest)
+
+
+@register_backend("onnx/cpu")
+def open_onnx_cpu(bundle_dir: Path, manifest: dict[str, Any]) -> OrtCpuDecoder:
+    _require_onnx_bundle(manifest)
+    return open_cpu(bundle_dir, manifest)
+
+
+@register_backend("onnx/qnn")
+def open_onnx_qnn(bundle_dir: Path, manifest: dict[str, Any]) -> StaticGraphDecoder:
+    _require_onnx_bundle(manifest)
+    if "npu" not in manifest["backend"]:
+        raise EdgepackError("this bundle has no NPU models", "export it for a Snapdragon target (--backend onnx/qnn)")
+    return open_npu(bundle_dir, manifest)

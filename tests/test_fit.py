@@ -1,0 +1,105 @@
+"""Fit check: estimates that match what the model really allocates, and the acceptance case (a 1.5B Qwen2
+config on iphone-15: fp32 rejected with its numbers, int4 accepted)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgepack.cli import main
+from edgepack.errors import EdgepackError
+from edgepack.fit import check_fit, kv_cache_bytes, peek_config, weight_bytes
+from edgepack.model import ModelConfig, build_model
+from edgepack.quantize import get_preset
+from edgepack.targets import get_target
+from tests.conftest import random_model, tiny_config
+
+# DeepSeek-R1-Distill-Qwen-1.5B's config.json (the shape only; no weights are needed for the check).
+QWEN_1_5B = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536, "intermediate_size": 8960,
+    "num_hidden_layers": 28, "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+    "tie_word_embeddings": False, "max_position_embeddings": 131072, "rope_theta": 10000, "rms_norm_eps": 1e-6,
+}
+
+
+def qwen_1_5b() -> ModelConfig:
+    return ModelConfig.from_hf(QWEN_1_5B)
+
+
+def test_qwen_1_5b_fp32_does_not_fit_iphone_15_and_int4_does(capsys) -> None:
+    target = get_target("iphone-15")
+    fp32 = check_fit(qwen_1_5b(), get_preset("fp32"), target, 2048)
+    int4 = check_fit(qwen_1_5b(), get_preset("int4"), target, 2048)
+    print(fp32.summary(), int4.summary(), sep="\n")  # the numbers behind both, in the test log
+    assert not fp32.fits and int4.fits
+    assert 7.0e9 < fp32.estimate.weight_bytes < 7.2e9  # 1.78 B parameters x 4 bytes
+    assert int4.estimate.memory < 2048e6 < fp32.estimate.memory
+    with pytest.raises(EdgepackError) as err:
+        fp32.raise_if_not_fits()
+    message = str(err.value)
+    assert "fp32 does not fit iphone-15" in message and "MB over the 2048 MB peak-memory budget" in message
+    assert "--quant int4 fits" in message  # the proposal names what would fit
+
+
+def test_export_refuses_before_reading_weights(tmp_path: Path) -> None:
+    """A folder with only config.json: fp32 fails on the fit check; int4 passes it and only then fails on the
+    missing weights, proving the check ran first and cost nothing."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN_1_5B))
+    runner = CliRunner()
+    fp32 = runner.invoke(main, ["export", "-m", str(tmp_path), "-t", "iphone-15", "-q", "fp32", "-o", str(tmp_path / "o")])
+    assert fp32.exit_code == 1 and "fp32 does not fit iphone-15: needs 7" in fp32.output
+    int4 = runner.invoke(main, ["export", "-m", str(tmp_path), "-t", "iphone-15", "-q", "int4", "-o", str(tmp_path / "o")])
+    assert "does not fit" not in int4.output and "has no *.safetensors weights" in int4.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_shorter_context_is_proposed_when_it_is_what_fits() -> None:
+    target = get_target("iphone-15")
+    report = check_fit(qwen_1_5b(), get_preset("int4"), target, 32768)
+    assert not report.fits and report.estimate.kv_cache > 1.8e9
+    assert any(p.startswith("--max-context") for p in report.proposals)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fp32_weights_and_kv_cache_match_the_built_model(tied: bool) -> None:
+    cfg = tiny_config("qwen2", tie_word_embeddings=tied)
+    model = random_model(cfg, max_context=96)
+    params = {id(p): p for p in model.parameters()}  # a tied table counted once
+    assert sum(weight_bytes(cfg, get_preset("fp32")).values()) == sum(p.numel() * 4 for p in params.values())
+    caches = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if ".kv_cache." in n)
+    assert kv_cache_bytes(cfg, get_preset("fp32"), 96) == caches
+
+
+def test_int4_estimate_matches_the_quantized_tensors() -> None:
+    """Bytes of the torchao tensors apply_preset builds: int4 codes count half a byte, scales in full."""
+    from edgepack.quantize import apply_preset
+
+    cfg = tiny_config()
+    model = apply_preset(build_model(cfg, random_model(cfg).state_dict(), 64), get_preset("int4"))
+    stored = 0.0
+    for name, p in model.named_parameters():
+        data = getattr(p, "qdata", None)
+        if data is None:
+            stored += p.numel() * p.element_size()
+            continue
+        bits = 4 if p.target_dtype == torch.int4 else 8
+        stored += data.numel() * bits / 8 + p.scale.numel() * p.scale.element_size()
+    estimate = sum(weight_bytes(cfg, get_preset("int4")).values())
+    assert abs(estimate - stored) / stored < 0.02, (estimate, stored)
+
+
+def test_peek_config_reads_the_default_gguf_header(default_student) -> None:
+    assert peek_config(None) == default_student.config
+
+
+@pytest.mark.slow
+def test_estimate_is_close_to_the_default_int4_program(default_int4_bundle: Path) -> None:
+    manifest = json.loads((default_int4_bundle / "manifest.json").read_text())
+    cfg = ModelConfig(**manifest["model"]["config"])
+    program = manifest["files"][manifest["backend"]["program"]]["size"]
+    estimate = sum(weight_bytes(cfg, get_preset("int4")).values())
+    assert abs(estimate - program) / program < 0.15, (estimate, program)

@@ -1,0 +1,42 @@
+"""Quantization presets on tiny models: what each transformation promises before any backend runs it."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from edgepack.quantize import apply_preset, get_preset, smooth_output_layer
+from edgepack.runtime import TorchDecoder
+
+from conftest import random_model, tiny_config
+
+
+def logits(model, tokens):
+    return TorchDecoder(copy.deepcopy(model)).forward(tokens, 0)
+
+
+def test_output_layer_smoothing_keeps_the_float_math():
+    model = random_model(tiny_config(), max_context=64)
+    with torch.no_grad():  # one loud channel, as real final-norm outputs have
+        model.model.norm.weight[3] = 25.0
+    tokens = np.random.default_rng(0).integers(0, 320, size=24)
+    before = logits(model, tokens)
+    smoothed = copy.deepcopy(model)
+    smooth_output_layer(smoothed, tokens.tolist())
+    assert not torch.equal(smoothed.lm_head.weight, model.lm_head.weight)  # it moved something
+    assert smoothed.lm_head.weight is not smoothed.model.embed_tokens.weight  # the table is untouched
+    torch.testing.assert_close(smoothed.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    np.testing.assert_allclose(logits(smoothed, tokens), before, atol=1e-4, rtol=1e-4)
+
+
+def test_smoothing_helps_int8_activations_on_an_outlier_channel():
+    model = random_model(tiny_config(), max_context=64)
+    with torch.no_grad():
+        model.model.norm.weight[3] = 60.0
+    tokens = np.random.default_rng(1).integers(0, 320, size=48)
+    reference = logits(model, tokens)
+    plain = logits(apply_preset(copy.deepcopy(model), get_preset("int8")), tokens)
+    smoothed = logits(apply_preset(copy.deepcopy(model), get_preset("int8"), calibration_ids=tokens.tolist()), tokens)
+    assert np.abs(smoothed - reference).mean() < np.abs(plain - reference).mean()
