@@ -45,10 +45,15 @@ Preflight = Callable[["Target", "str | None", "QuantPreset"], None]
 _EXPORTERS: dict[str, Exporter] = {}
 _PREFLIGHT: dict[str, Preflight] = {}
 _QUANTIZES: set[str] = set()
+_ONE_TIED_TABLE: set[str] = set()
 
 
-def register_exporter(name: str, *, quantizes: bool = False, preflight: Preflight | None = None) -> Callable[[Exporter], Exporter]:
-    """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks."""
+def register_exporter(
+    name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False
+) -> Callable[[Exporter], Exporter]:
+    """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks;
+    `one_tied_table`: it stores a tied embedding and output layer as one table, so the output layer must
+    stay equal to the embedding (no smoothing of the output layer)."""
 
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
@@ -56,11 +61,18 @@ def register_exporter(name: str, *, quantizes: bool = False, preflight: Prefligh
         _EXPORTERS[name] = fn
         if quantizes:
             _QUANTIZES.add(name)
+        if one_tied_table:
+            _ONE_TIED_TABLE.add(name)
         if preflight:
             _PREFLIGHT[name] = preflight
         return fn
 
     return wrap
+
+
+def exporter_keeps_one_tied_table(name: str) -> bool:
+    _import_builtin_exporters()
+    return name in _ONE_TIED_TABLE
 
 
 def exporter_quantizes(name: str) -> bool:

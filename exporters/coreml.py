@@ -357,7 +357,7 @@ def quiet_coremltools() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-@register_exporter("coreml")
+@register_exporter("coreml", one_tied_table=True)
 def export_coreml(request: ExportRequest) -> dict[str, Any]:
     """Write model.mlpackage (a folder) into the bundle; the manifest records its functions, states,
     weight formats and the ANE report."""

@@ -110,7 +110,7 @@ def _slug(source: str | None) -> str:
 def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Build the bundle the plan describes; returns its manifest."""
     from edgepack.bundle import write_bundle
-    from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
+    from edgepack.exporters import ExportRequest, exporter_keeps_one_tied_table, exporter_quantizes, get_exporter
     from edgepack.intake import load_student
     from edgepack.model import build_model
     from edgepack.quantize import apply_preset
@@ -131,7 +131,9 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
     model = build_model(student.config, student.state_dict, plan.max_context)
     step(f"quantize ({plan.preset.name})")
     if not exporter_quantizes(plan.backend):
-        model = apply_preset(model, plan.preset, student.int4_blocks, _calibration_ids(student))
+        tied_table = student.config.tie_word_embeddings and exporter_keeps_one_tied_table(plan.backend)
+        calibration = None if tied_table else _calibration_ids(student)
+        model = apply_preset(model, plan.preset, student.int4_blocks, calibration)
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
     with write_bundle(plan.output) as writer:
         tokenizer = _write_tokenizer(writer, student)
