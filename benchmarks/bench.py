@@ -64,21 +64,8 @@ def run_edgepack(bundle: str, ids: list[int], new_tokens: int, threads: int) -> 
     session = edgepack.runtime.load(bundle)
     if "torch" in sys.modules:  # the reference backend runs on torch's own pool
         sys.modules["torch"].set_num_threads(threads)
-    decoder = session.decoder
-    chunk = int(getattr(decoder, "max_prefill_chunk", None) or session.prefill_chunk)
     load_s = time.perf_counter() - start
-
-    def prefill() -> np.ndarray:
-        decoder.reset()
-        tokens = np.asarray(ids, dtype=np.int64)
-        for i in range(0, tokens.size, chunk):
-            logits = decoder.forward(tokens[i : i + chunk], i)
-        return logits[-1]
-
-    def step(token: int, pos: int) -> np.ndarray:
-        return decoder.forward(np.array([token], np.int64), pos)[-1]
-
-    return _timed_run(prefill, step, ids, new_tokens, load_s)
+    return _timed_run(lambda: session.prefill(ids), session.decode_step, ids, new_tokens, load_s)
 
 
 def run_llama_cpp(gguf: str, ids: list[int], new_tokens: int, threads: int) -> dict[str, Any]:

@@ -253,6 +253,16 @@ class Session:
                 f"shorten the prompt or re-export with --max-context {_next_power_of_two(n + 1)} or more",
             )
 
+    def prefill(self, ids: list[int]) -> np.ndarray:
+        """Start over and feed the prompt as generation does; returns its last position's logits
+        (benchmarks and `edgepack profile` time exactly this)."""
+        self.decoder.reset()
+        return self._prefill(ids)
+
+    def decode_step(self, token: int, pos: int) -> np.ndarray:
+        """One generated token at `pos`; returns its logits."""
+        return self.decoder.forward(np.array([token], np.int64), pos)[-1]
+
     def _prefill(self, ids: list[int]) -> np.ndarray:
         """Feed the prompt in chunks; return the logits of its last position."""
         tokens = np.asarray(ids, dtype=np.int64)
@@ -283,8 +293,7 @@ class Session:
         reason: StopReason | None = None
         finished = False
         try:
-            self.decoder.reset()
-            logits = self._prefill(ids)
+            logits = self.prefill(ids)
             clock.prefill_done()
             pos = len(ids)
             while len(generated) < budget:

@@ -100,18 +100,7 @@ def measure_once(bundle: str, prompt_lengths: list[int], new_tokens: int, thread
         sys.modules["torch"].set_num_threads(threads)
     load_s = time.perf_counter() - start
     loaded = _status_mb("VmRSS")
-    decoder = session.decoder
-    chunk = int(getattr(decoder, "max_prefill_chunk", None) or session.prefill_chunk)
-
-    def prefill(ids: list[int]) -> np.ndarray:
-        decoder.reset()
-        tokens = np.asarray(ids, dtype=np.int64)
-        for i in range(0, tokens.size, chunk):
-            logits = decoder.forward(tokens[i : i + chunk], i)
-        return logits[-1]
-
-    def step(token: int, pos: int) -> np.ndarray:
-        return decoder.forward(np.array([token], np.int64), pos)[-1]
+    prefill, step = session.prefill, session.decode_step
 
     results: dict[str, Any] = {}
     for length in prompt_lengths:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -39,6 +40,13 @@ def random_model(cfg: ModelConfig, max_context: int = 128, seed: int = 0) -> Cau
                 param.normal_(0.0, 0.08)
     model.reset_cache()
     return model.eval()
+
+
+def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:
+    """Prefill 12 tokens in two chunks, then decode the rest one by one: the runtime's call pattern."""
+    out = [decoder.forward(tokens[:5], 0), decoder.forward(tokens[5:12], 5)]
+    out += [decoder.forward(tokens[i : i + 1], i) for i in range(12, len(tokens))]
+    return np.concatenate(out)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from edgepack import blocks
 from edgepack.quantize import BlockOffsetLinear, apply_preset, get_preset
 from edgepack.runtime import TorchDecoder
 
-from conftest import random_model, tiny_config
-from test_executorch_export import CONTEXT, export, run_sequence
+from conftest import random_model, run_sequence, tiny_config
+from test_executorch_export import CONTEXT, export
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])

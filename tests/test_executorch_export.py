@@ -14,7 +14,7 @@ from edgepack.quantize import apply_preset, get_preset
 from edgepack.runtime import TorchDecoder
 from edgepack.runtime.executorch_backend import ExecuTorchDecoder
 
-from conftest import random_model, tiny_config
+from conftest import random_model, run_sequence, tiny_config
 
 CONTEXT, PREFILL = 64, 16
 
@@ -24,13 +24,6 @@ def export(model, tmp_path, name: str):
     path = tmp_path / f"{name}.pte"
     path.write_bytes(lower_to_pte(copy.deepcopy(model), meta))
     return ExecuTorchDecoder(path, CONTEXT, model.config.vocab_size, PREFILL)
-
-
-def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:
-    """Prefill 12 tokens in two chunks, then decode the rest one by one: the runtime's call pattern."""
-    out = [decoder.forward(tokens[:5], 0), decoder.forward(tokens[5:12], 5)]
-    out += [decoder.forward(tokens[i : i + 1], i) for i in range(12, len(tokens))]
-    return np.concatenate(out)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from edgepack.runtime import TorchDecoder
 from edgepack.runtime.onnxruntime_backend import OrtCpuDecoder, StaticGraphDecoder
 from edgepack.targets import Target
 
-from conftest import random_model, tiny_config
+from conftest import random_model, run_sequence, tiny_config
 
 pytest.importorskip("onnxruntime")
 CONTEXT = 64
@@ -30,13 +30,6 @@ def cpu_decoder(model, weights: str, blocks=None) -> OrtCpuDecoder:
     proto = build_decoder(model, GraphSpec(weights), blocks)
     return OrtCpuDecoder(proto.SerializeToString(), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, CONTEXT,
                          cfg.vocab_size)
-
-
-def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:
-    """Prefill 12 tokens in two chunks, then decode the rest one by one: the runtime's call pattern."""
-    out = [decoder.forward(tokens[:5], 0), decoder.forward(tokens[5:12], 5)]
-    out += [decoder.forward(tokens[i : i + 1], i) for i in range(12, len(tokens))]
-    return np.concatenate(out)
 
 
 @pytest.fixture(scope="module")
