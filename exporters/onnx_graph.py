@@ -20,7 +20,7 @@ import torch
 
 from edgepack.blocks import BLOCK, Int4Blocks
 
-OPSET = 17
+OPSET = 23  # RMSNormalization (opset 23): one fused norm op, which QNN maps to its RmsNorm
 MS_DOMAIN = "com.microsoft"
 NPU_MASK_VALUE = -80.0  # additive mask on the NPU: exp(-80) is 0 to softmax, and 16-bit QDQ keeps its step small
 
@@ -186,12 +186,10 @@ def _lm_head(g: GraphBuilder, h: str, state: dict, cfg: Any, spec: GraphSpec) ->
 
 
 def _rms_norm(g: GraphBuilder, x: str, weight: torch.Tensor, eps: float) -> str:
-    # Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul: the pattern ORT fuses into SimplifiedLayerNormalization.
-    sq = g.op("Pow", [x, g.const(2.0, np.float32)], "sq")
-    mean = g.op("ReduceMean", [sq], "ms", axes=[-1], keepdims=1)
-    root = g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)], "mse")], "rms")
-    normed = g.op("Div", [x, root], "normed")
-    return g.op("Mul", [normed, g.init(g.name("norm_w"), weight.numpy())], "norm")
+    # One fused op, not Pow -> ReduceMean -> Sqrt -> Div: QDQ would give the mean of squares its own 16-bit
+    # range, and a token whose residual holds a 750 outlier squares it to ~5e5, so every ordinary token's
+    # statistic rounds to 0 (the NPU build scored 3% top-1 that way, 84% with the fused op).
+    return g.op("RMSNormalization", [x, g.init(g.name("norm_w"), weight.numpy())], "norm", axis=-1, epsilon=eps)
 
 
 def _linear(g: GraphBuilder, x: str, state: dict, blocks: dict, spec: GraphSpec, names: list[str]) -> list[str]:

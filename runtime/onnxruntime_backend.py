@@ -6,11 +6,16 @@ Both keep the KV cache on the host, because the models take it as explicit input
 - NPU: static shapes. Each graph reads `past [1, kv, C - T, D]` plus T new tokens and returns only the new
   keys/values; the host owns a [1, kv, C, D] buffer per layer, writes them at their positions and passes
   RoPE cos/sin and an additive mask (padding and empty cache slots masked) as inputs.
+  Position 0 goes through the CPU model: it is the attention sink, whose residual reaches ~24000 in
+  SmolLM2 (~750 at every later position; "massive activations" are common to Llama/Qwen models), and
+  16-bit per-tensor ranges wide enough for it round every other token's activations away (84% top-1
+  with it on the NPU, 90% without, in the exporter's measurement).
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,6 +40,8 @@ def session_options(threads: int | None = None) -> Any:
 
 class OrtCpuDecoder:
     """A `Decoder` over the CPU model: past cache in, present cache out."""
+
+    label = "onnx/cpu"  # what verification reports as the backend that ran
 
     def __init__(self, program: Path | bytes, num_layers: int, kv_heads: int, head_dim: int, max_context: int,
                  vocab_size: int, max_prefill_chunk: int = 128, threads: int | None = None) -> None:
@@ -70,12 +77,15 @@ class StaticGraphDecoder:
     """A `Decoder` over the NPU's two static graphs (prefill: T = chunk tokens, decode: T = 1).
 
     `run(graph, feeds)` executes one graph ("prefill" or "decode"); `record`, if set, sees every feed
-    (the exporter calibrates the quantization on exactly what this host loop passes)."""
+    (the exporter calibrates the quantization on exactly what this host loop passes). `first`, if set,
+    computes position 0 instead (see the module docstring): an `OrtCpuDecoder`."""
+
+    label = "onnx/qnn"
 
     def __init__(self, run: Callable[[str, dict], list[np.ndarray]], num_layers: int, kv_heads: int,
                  head_dim: int, context: int, prefill_len: int, vocab_size: int, inv_freq: np.ndarray,
-                 record: Callable[[str, dict], None] | None = None) -> None:
-        self._run, self.record = run, record
+                 record: Callable[[str, dict], None] | None = None, first: OrtCpuDecoder | None = None) -> None:
+        self._run, self.record, self.first = run, record, first
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_context, self.prefill_len, self.vocab_size = context, prefill_len, vocab_size
         self.max_prefill_chunk = prefill_len
@@ -92,6 +102,9 @@ class StaticGraphDecoder:
         if start_pos + tokens.size > self.max_context:
             raise ValueError(f"positions up to {start_pos + tokens.size} exceed the NPU context {self.max_context}")
         rows, pos, i = [], start_pos, 0
+        if start_pos == 0 and self.first is not None and tokens.size:
+            rows.append(self._first_position(int(tokens[0])))
+            pos, i = 1, 1
         while i < tokens.size:
             left = tokens.size - i
             use_prefill = left > 1 and pos <= self.max_context - self.prefill_len
@@ -100,6 +113,15 @@ class StaticGraphDecoder:
             rows.append(self._step("prefill" if use_prefill else "decode", tokens[i : i + count], pos, width))
             pos, i = pos + count, i + count
         return np.concatenate(rows, axis=0)
+
+    def _first_position(self, token: int) -> np.ndarray:
+        assert self.first is not None
+        self.first.reset()
+        logits = self.first.forward(np.array([token]), 0)
+        for layer in range(self.num_layers):
+            self.keys[layer][:, :, :1] = self.first.cache[f"past_key_{layer}"]
+            self.values[layer][:, :, :1] = self.first.cache[f"past_value_{layer}"]
+        return logits
 
     def _step(self, graph: str, chunk: np.ndarray, pos: int, width: int) -> np.ndarray:
         count, past = chunk.size, self.max_context - width
@@ -154,9 +176,11 @@ def qnn_session(model: Path, ep_options: dict[str, str], extra_config: dict[str,
 def open_npu(bundle_dir: Path, manifest: dict[str, Any]) -> StaticGraphDecoder:
     npu, cfg = manifest["backend"]["npu"], manifest["model"]["config"]
     sessions = {g: qnn_session(Path(bundle_dir) / npu[f"{g}_program"], npu["ep_options"]) for g in ("prefill", "decode")}
+    first = open_cpu(bundle_dir, manifest) if npu.get("first_position") == "cpu" else None
     return StaticGraphDecoder(
         lambda graph, feeds: sessions[graph].run(None, feeds), cfg["num_layers"], cfg["num_kv_heads"],
         cfg["head_dim"], int(npu["context"]), int(npu["prefill_len"]), cfg["vocab_size"], np.array(npu["inv_freq"]),
+        first=first,
     )
 
 
@@ -176,11 +200,20 @@ def _require_onnx_bundle(manifest: dict[str, Any]) -> None:
         )
 
 
+def npu_is_simulated() -> bool:
+    """onnxruntime-qnn on an x86 host runs Qualcomm's HTP simulator (~20 s a token for a 135M model): right
+    for proving a build (`--backend onnx/qnn`), wrong as the default for `run`, `profile` or `verify`."""
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
 @register_backend("onnx")
 def open_onnx(bundle_dir: Path, manifest: dict[str, Any]) -> Any:
-    """The bundle's own choice: the NPU models when it has them (QNN EP), else the CPU model."""
+    """The bundle's own choice: the NPU models on a Snapdragon (QNN EP), else the CPU model, which is also
+    what an x86 host gets (there the NPU is only simulated: ask for it with --backend onnx/qnn)."""
     _require_onnx_bundle(manifest)
-    return open_npu(bundle_dir, manifest) if "npu" in manifest["backend"] else open_cpu(bundle_dir, manifest)
+    if "npu" in manifest["backend"] and not npu_is_simulated():
+        return open_npu(bundle_dir, manifest)
+    return open_cpu(bundle_dir, manifest)
 
 
 @register_backend("onnx/cpu")

@@ -334,6 +334,9 @@ def verify_bundle(
             ) from None
         step(f"open bundle through its host check ({manifest['backend']['host_check']})")
         session = runtime.load(bundle, backend=manifest["backend"]["host_check"])
+    # What actually ran, e.g. an NPU bundle's CPU model on a host where the NPU would only be simulated.
+    ran = getattr(session.decoder, "label", None) or backend + (f"/{delegate}" if delegate else "")
+    thresholds = thresholds_for(preset, *ran.split("/", 1)) if "/" in ran else thresholds_for(preset, ran)
     ref = _reference_session(student, manifest)
     hf_tokenizer = _hf_tokenizer(student)
 
@@ -355,7 +358,7 @@ def verify_bundle(
     failures += [f"tokenizer: {k.replace('_', ' ')} differs from the reference" for k, v in tokenizer.items() if v is False]
     return Report(
         preset=preset,
-        backend=backend + (f"/{delegate}" if delegate else ""),
+        backend=ran,
         reference=student.source,
         text={"source": text_source, "sha256": fingerprint(text), "tokens": agreement.tokens},
         thresholds=thresholds,
