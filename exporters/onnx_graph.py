@@ -2,8 +2,9 @@
 
 Why by hand and not torch.onnx.export: the graph is ~30 small ops per layer, we need exact control over
 the int4 encoding (ONNX Runtime's `MatMulNBits`, GGUF blocks carried bit for bit) and over the two KV-cache
-layouts (CPU: dynamic length, cache grows by concat; NPU: static shapes for QNN), and it builds in seconds
-instead of minutes. The math mirrors `edgepack.model` line for line (RMSNorm, RoPE rotate-half, GQA).
+layouts (CPU: dynamic length, ORT's fused GroupQueryAttention appends to it; NPU: static shapes and plain
+ops for QNN), and it builds in seconds instead of minutes. The math mirrors `edgepack.model` (RMSNorm,
+RoPE rotate-half, GQA).
 
 Activations are 2-D `[T, hidden]` inside (batch is always 1); the KV cache is `[1, kv_heads, S, head_dim]`.
 Int4 linears: y = MatMulNBits(x, codes + 8, scales) [+ blocksum(x) @ offsets^T for asymmetric blocks]:
@@ -124,15 +125,15 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: dict[str, Int4Blocks] | N
     if static:
         cos = g.op("Unsqueeze", ["cos", g.const([1])], "cos")  # [T, 1, D]
         sin = g.op("Unsqueeze", ["sin", g.const([1])], "sin")
-        mask = "attention_mask"
+        positions = (cos, sin, "attention_mask")
     else:
-        cos, sin, mask = _positions_and_mask(g, cfg, ids)
+        positions = _gqa_positions(g, cfg, ids, model.max_context)
 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, seq_dim, cfg.vocab_size])]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         h = _rms_norm(g, x, state[p + "input_layernorm.weight"], cfg.rms_norm_eps)
-        attn = _attention(g, h, state, blocks, spec, cfg, i, cos, sin, mask)
+        attn = _attention(g, h, state, blocks, spec, cfg, i, positions)
         x = g.op("Add", [x, attn], "resid")
         h = _rms_norm(g, x, state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate, up = _linear(g, h, state, blocks, spec, [p + "mlp.gate_proj", p + "mlp.up_proj"])
@@ -235,26 +236,20 @@ def _int4_linear(g: GraphBuilder, x: str, parts: list[Int4Blocks], base: str, sp
     return g.op("Add", [y, shift], "q4o")
 
 
-def _positions_and_mask(g: GraphBuilder, cfg: Any, ids: str) -> tuple[str, str, str]:
-    """CPU graph: positions are past_len .. past_len + T - 1 (past_len read from the cache's shape)."""
+def _gqa_positions(g: GraphBuilder, cfg: Any, ids: str, max_context: int) -> tuple[str, ...]:
+    """CPU graph: what GroupQueryAttention needs to place T new tokens after the cached ones (the cache length
+    is read from past_key_0's shape): rotary tables cos, sin [max_context, D/2], seqlens_k, total length."""
+    from onnx import TensorProto
+
     from edgepack.model import rope_frequencies
 
+    angles = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_frequencies(cfg)[None, :]
+    tables = g.init("rope_cos", angles.cos().numpy()), g.init("rope_sin", angles.sin().numpy())
     past = g.op("Shape", ["past_key_0"], "past_len", start=2, end=3)  # [1]
-    seq = g.op("Shape", [ids], "seq_len")  # [1]
-    total = g.op("Add", [past, seq], "total")
-    zero, one = g.const(0), g.const(1)
-    scalar = lambda t: g.op("Squeeze", [t, g.const([0])], "s")  # noqa: E731
-    q_pos = g.op("Range", [scalar(past), scalar(total), g.const(1)], "q_pos")  # [T]
-    k_pos = g.op("Range", [g.const(0), scalar(total), g.const(1)], "k_pos")  # [S]
-    qf = g.op("Cast", [q_pos], "q_posf", to=1)
-    inv = g.init("inv_freq", rope_frequencies(cfg).reshape(1, -1).numpy())
-    angles = g.op("MatMul", [g.op("Unsqueeze", [qf, one], "qcol"), inv], "angles")  # [T, D/2]
-    angles = g.op("Concat", [angles, angles], "angles2", axis=-1)
-    cos = g.op("Unsqueeze", [g.op("Cos", [angles]), one], "cos")  # [T, 1, D]
-    sin = g.op("Unsqueeze", [g.op("Sin", [angles]), one], "sin")
-    future = g.op("Greater", [g.op("Unsqueeze", [k_pos, zero], "krow"), g.op("Unsqueeze", [q_pos, one], "qcol")])
-    mask = g.op("Where", [future, g.const(-np.inf, np.float32), g.const(0.0, np.float32)], "mask")  # [T, S]
-    return cos, sin, mask
+    total = g.op("Add", [past, g.op("Shape", [ids], "seq_len")], "total")  # [1]
+    seqlens_k = g.op("Cast", [g.op("Sub", [total, g.const([1])], "last")], "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Cast", [g.op("Squeeze", [total, g.const([0])], "total_s")], "total_i", to=TensorProto.INT32)
+    return tables[0], tables[1], seqlens_k, total
 
 
 def _rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
@@ -264,26 +259,46 @@ def _rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
 
 
 def _attention(g: GraphBuilder, h: str, state: dict, blocks: dict, spec: GraphSpec, cfg: Any, i: int,
-               cos: str, sin: str, mask: str) -> str:
-    D, Hn, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-    groups = Hn // Hkv
+               positions: tuple[str, ...]) -> str:
+    """`positions`: what _gqa_positions returns (CPU graph), or (cos, sin, mask) graph inputs (NPU graphs)."""
     p = f"model.layers.{i}.self_attn."
     q, k, v = _linear(g, h, state, blocks, spec, [p + "q_proj", p + "k_proj", p + "v_proj"])
+    attend = _explicit_attention if spec.static_seq is not None else _fused_attention
+    ctx = attend(g, q, k, v, cfg, i, *positions)
+    return _linear(g, ctx, state, blocks, spec, [p + "o_proj"])[0]
+
+
+def _fused_attention(g: GraphBuilder, q: str, k: str, v: str, cfg: Any, i: int, cos: str, sin: str,
+                     seqlens_k: str, total: str) -> str:
+    """CPU graph: ONNX Runtime's GroupQueryAttention (RoPE, cache append, causal GQA softmax in one kernel;
+    what onnxruntime-genai's CPU models use). ~25 small ops per layer become one: decode is op-bound here."""
+    batch = lambda t: g.op("Unsqueeze", [t, g.const([0])], "b")  # noqa: E731  [T, X] -> [1, T, X]
+    out = g.op(
+        "GroupQueryAttention", [batch(q), batch(k), batch(v), f"past_key_{i}", f"past_value_{i}", seqlens_k, total,
+                                cos, sin],
+        domain=MS_DOMAIN, outputs=3, out_names=[g.name("attn"), f"present_key_{i}", f"present_value_{i}"],
+        num_heads=cfg.num_heads, kv_num_heads=cfg.num_kv_heads, do_rotary=1, rotary_interleaved=0,
+        scale=float(1.0 / np.sqrt(cfg.head_dim)),
+    )[0]
+    return g.op("Reshape", [out, g.const([-1, cfg.num_heads * cfg.head_dim])], "ctx2")
+
+
+def _explicit_attention(g: GraphBuilder, q: str, k: str, v: str, cfg: Any, i: int, cos: str, sin: str,
+                        mask: str) -> str:
+    """NPU graphs: plain ops QNN runs on the HTP; the cache is an input of fixed length, the new keys/values
+    are outputs (the host writes them into its buffer)."""
+    D, Hn, Hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    groups = Hn // Hkv
     q = _rope(g, g.op("Reshape", [q, g.const([-1, Hn, D])], "q3"), cos, sin, D)  # [T, Hn, D]
     k = _rope(g, g.op("Reshape", [k, g.const([-1, Hkv, D])], "k3"), cos, sin, D)
     v = g.op("Reshape", [v, g.const([-1, Hkv, D])], "v3")
     # [T, heads, D] -> [1, heads, T, D]
     k_new = g.op("Unsqueeze", [g.op("Transpose", [k], "kt", perm=[1, 0, 2]), g.const([0])], "k4")
     v_new = g.op("Unsqueeze", [g.op("Transpose", [v], "vt", perm=[1, 0, 2]), g.const([0])], "v4")
-    static = spec.static_seq is not None
-    if static:
-        g.op("Identity", [k_new], out_names=[f"new_key_{i}"])
-        g.op("Identity", [v_new], out_names=[f"new_value_{i}"])
-        k_all = g.op("Concat", [f"past_key_{i}", k_new], "k_all", axis=2)
-        v_all = g.op("Concat", [f"past_value_{i}", v_new], "v_all", axis=2)
-    else:
-        k_all = g.op("Concat", [f"past_key_{i}", k_new], out_names=[f"present_key_{i}"], axis=2)
-        v_all = g.op("Concat", [f"past_value_{i}", v_new], out_names=[f"present_value_{i}"], axis=2)
+    g.op("Identity", [k_new], out_names=[f"new_key_{i}"])
+    g.op("Identity", [v_new], out_names=[f"new_value_{i}"])
+    k_all = g.op("Concat", [f"past_key_{i}", k_new], "k_all", axis=2)
+    v_all = g.op("Concat", [f"past_value_{i}", v_new], "v_all", axis=2)
     # Queries grouped by their kv head: [T, Hn, D] -> [1, Hkv, G*T, D] (head h = kv * G + g, as repeat_interleave).
     qh = g.op("Transpose", [q], "qt", perm=[1, 0, 2])
     qh = g.op("Reshape", [qh, g.const([1, Hkv, -1, D])], "qg")
@@ -293,5 +308,4 @@ def _attention(g: GraphBuilder, h: str, state: dict, blocks: dict, spec: GraphSp
     probs = g.op("Softmax", [g.op("Add", [scores, tiled], "masked")], "probs", axis=-1)
     ctx = g.op("MatMul", [probs, v_all], "ctx")  # [1, Hkv, G*T, D]
     ctx = g.op("Reshape", [ctx, g.const([Hn, -1, D])], "ctx3")  # [Hn, T, D]
-    ctx = g.op("Reshape", [g.op("Transpose", [ctx], "ctxt", perm=[1, 0, 2]), g.const([-1, Hn * D])], "ctx2")
-    return _linear(g, ctx, state, blocks, spec, [p + "o_proj"])[0]
+    return g.op("Reshape", [g.op("Transpose", [ctx], "ctxt", perm=[1, 0, 2]), g.const([-1, Hn * D])], "ctx2")
