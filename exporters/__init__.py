@@ -18,6 +18,7 @@ from edgepack.model import CausalLM
 
 if TYPE_CHECKING:
     from edgepack.blocks import Int4Blocks
+    from edgepack.model import ModelConfig
     from edgepack.quantize import QuantPreset
     from edgepack.targets import Target
 
@@ -42,18 +43,23 @@ class ExportRequest:
 Exporter = Callable[[ExportRequest], dict[str, Any]]
 # preflight(target, delegate, preset) raises EdgepackError before any model is loaded (missing runtime, bad SoC)
 Preflight = Callable[["Target", "str | None", "QuantPreset"], None]
+# extra_bundle_bytes(config, target, delegate): files beyond the model's weights (e.g. NPU context binaries),
+# so the fit check before the export sees the bundle's real size
+ExtraBytes = Callable[["ModelConfig", "Target", "str | None"], float]
 _EXPORTERS: dict[str, Exporter] = {}
 _PREFLIGHT: dict[str, Preflight] = {}
+_EXTRA_BYTES: dict[str, ExtraBytes] = {}
 _QUANTIZES: set[str] = set()
 _ONE_TIED_TABLE: set[str] = set()
 
 
 def register_exporter(
-    name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False
+    name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False,
+    extra_bundle_bytes: ExtraBytes | None = None,
 ) -> Callable[[Exporter], Exporter]:
     """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks;
     `one_tied_table`: it stores a tied embedding and output layer as one table, so the output layer must
-    stay equal to the embedding (no smoothing of the output layer)."""
+    stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes."""
 
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
@@ -65,6 +71,8 @@ def register_exporter(
             _ONE_TIED_TABLE.add(name)
         if preflight:
             _PREFLIGHT[name] = preflight
+        if extra_bundle_bytes:
+            _EXTRA_BYTES[name] = extra_bundle_bytes
         return fn
 
     return wrap
@@ -84,6 +92,11 @@ def preflight(name: str, target: "Target", delegate: str | None, preset: "QuantP
     _import_builtin_exporters()
     if name in _PREFLIGHT:
         _PREFLIGHT[name](target, delegate, preset)
+
+
+def extra_bundle_bytes(name: str, config: "ModelConfig", target: "Target", delegate: str | None) -> float:
+    _import_builtin_exporters()
+    return _EXTRA_BYTES[name](config, target, delegate) if name in _EXTRA_BYTES else 0.0
 
 
 def get_exporter(name: str) -> Exporter:

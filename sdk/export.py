@@ -79,12 +79,13 @@ def plan_export(
     from edgepack.fit import peek_config
 
     config = peek_config(source)  # config.json or the GGUF header: no weights read
-    fit = _fit_check(config, target, preset, context, chosen[0]) if config else None
+    fit = _fit_check(config, target, preset, context, "/".join(filter(None, chosen))) if config else None
     return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out, verify, keep_failed, fit=fit)
 
 
 def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, backend: str) -> Any:
-    """Refuse, before any long work, a model that would not fit the target's memory or bundle budget."""
+    """Refuse, before any long work, a model that would not fit the target's memory or bundle budget
+    (`backend`: "name/delegate")."""
     from edgepack.fit import check_fit
 
     report = check_fit(config, preset, target, context, backend)
@@ -127,7 +128,8 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
             f"use --max-context {student.config.max_position_embeddings} or less",
         )
     if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
-        _fit_check(student.config, plan.target, plan.preset, plan.max_context, plan.backend)
+        _fit_check(student.config, plan.target, plan.preset, plan.max_context,
+                   "/".join(filter(None, (plan.backend, plan.delegate))))
     model = build_model(student.config, student.state_dict, plan.max_context)
     step(f"quantize ({plan.preset.name})")
     if not exporter_quantizes(plan.backend):

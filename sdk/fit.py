@@ -197,14 +197,20 @@ def activation_bytes(cfg: ModelConfig, preset: QuantPreset, max_context: int, ch
     return float(logits + mlp + attn + residual)
 
 
-def estimate(cfg: ModelConfig, preset: QuantPreset, max_context: int, backend: str = "executorch") -> FitEstimate:
+def estimate(cfg: ModelConfig, preset: QuantPreset, max_context: int, backend: str = "executorch",
+             target: Target | None = None) -> FitEstimate:
+    """`backend` is "name" or "name/delegate"; with `target`, the exporter's own extra files count in the bundle."""
+    from edgepack.exporters import extra_bundle_bytes
+
+    name, _, delegate = backend.partition("/")
     weights = weight_bytes(cfg, preset)
+    extra = extra_bundle_bytes(name, cfg, target, delegate or None) if target is not None else 0.0
     return FitEstimate(
         weights=weights,
         kv_cache=kv_cache_bytes(cfg, preset, max_context),
         activations=activation_bytes(cfg, preset, max_context),
-        runtime=RUNTIME_OVERHEAD.get(backend, DEFAULT_OVERHEAD),
-        bundle=sum(weights.values()) + TOKENIZER_BYTES,
+        runtime=RUNTIME_OVERHEAD.get(name, DEFAULT_OVERHEAD),
+        bundle=sum(weights.values()) + TOKENIZER_BYTES + extra,
     )
 
 
@@ -252,7 +258,7 @@ def check_fit(
         preset=preset.name,
         max_context=max_context,
         backend=backend,
-        estimate=estimate(cfg, preset, max_context, backend),
+        estimate=estimate(cfg, preset, max_context, backend, target),
         memory_limit_mb=mem_limit,
         memory_limit_name=mem_name,
         bundle_limit_mb=float(bundle_limit) if bundle_limit else None,
@@ -264,7 +270,7 @@ def check_fit(
 
 def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_context: int, backend: str) -> list[str]:
     out: list[str] = []
-    own = estimate(cfg, preset, max_context, backend)
+    own = estimate(cfg, preset, max_context, backend, target)
     for name, other in PRESETS.items():  # smaller presets at the same context, largest first
         candidate = check_fit(cfg, other, target, max_context, backend, propose=False)
         if name != preset.name and candidate.estimate.memory < own.memory and candidate.fits:

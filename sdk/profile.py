@@ -262,7 +262,8 @@ def profile_bundle(
     projected = None
     if not on_host and calibration is not None:
         projected = project(measured, calibration, target, cfg, preset, backend.get("delegate"), overhead_mb)
-    fit = check_fit(cfg, preset, target, context, backend["name"], propose=False)
+    fit = check_fit(cfg, preset, target, context, "/".join(filter(None, (backend["name"], backend.get("delegate")))),
+                    propose=False)
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

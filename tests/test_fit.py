@@ -74,6 +74,19 @@ def test_fp32_weights_and_kv_cache_match_the_built_model(tied: bool) -> None:
     assert kv_cache_bytes(cfg, get_preset("fp32"), 96) == caches
 
 
+def test_npu_bundle_counts_its_context_binaries() -> None:
+    """A Snapdragon NPU bundle carries two QNN context binaries besides the CPU model: a 1.5B student's is
+    over a phone's 2 GB bundle budget, and the fit check says so before any export starts."""
+    target = get_target("snapdragon-8-elite")
+    cpu_only = check_fit(qwen_1_5b(), get_preset("int4"), target, 2048, "onnx/cpu")
+    with_npu = check_fit(qwen_1_5b(), get_preset("int4"), target, 2048, "onnx/qnn")
+    assert cpu_only.fits and cpu_only.estimate.bundle < 1.5e9
+    assert with_npu.estimate.bundle > cpu_only.estimate.bundle + 2 * 1.78e9  # two graphs, 8-bit weights
+    assert not with_npu.fits
+    with pytest.raises(EdgepackError, match="bundle budget"):
+        with_npu.raise_if_not_fits()
+
+
 def test_int4_estimate_matches_the_quantized_tensors() -> None:
     """Bytes of the torchao tensors apply_preset builds: int4 codes count half a byte, scales in full."""
     from edgepack.quantize import apply_preset

@@ -119,6 +119,14 @@ def test_x2_npu_tracks_fp32_on_real_text(x2_bundle, reference):
     assert result.top1_agreement >= 0.85
 
 
+def test_x2_bundle_size_was_estimated_before_the_export(x2_bundle):
+    from edgepack.export import plan_export
+
+    size = sum(p.stat().st_size for p in x2_bundle.iterdir())
+    estimate = plan_export(None, "snapdragon-x2").fit.estimate.bundle
+    assert abs(estimate - size) / size < 0.10, (estimate, size)
+
+
 def test_x2_export_checked_the_quantized_npu_graphs(x2_bundle):
     """The export teacher-forced the QDQ graphs (ORT CPU, the HTP's fixed-point math) before compiling them."""
     from edgepack.bundle import read_manifest
