@@ -97,13 +97,17 @@ def test_x2_bundle_holds_npu_and_cpu_models(x2_bundle):
 
 
 # The full model on the HTP simulator: ~20 s per decoded token here, so these run with -m npu_sim (~15 min).
+
+# Not "What is the capital of France?": there the fp32 model's first token is a near tie ("The" -1.88 vs
+# "L" -1.96 log-prob), which any int8 activation rounding flips, and the reply then goes French.
+QUESTION = "Name the capital city of France."
 @pytest.mark.npu_sim
 def test_x2_bundle_generates_on_the_htp_simulator(x2_bundle):
     """Every node of both graphs on the NPU (the QNN sessions refuse CPU fallback), streamed through the
     runtime API; position 0 (the attention sink) comes from the bundle's CPU model."""
     session = runtime.load(x2_bundle, backend="onnx/qnn")
     assert session.decoder.__class__.__name__ == "StaticGraphDecoder"
-    answer = session.complete("What is the capital of France?", max_new_tokens=16)
+    answer = session.complete(QUESTION, max_new_tokens=16)
     print(repr(answer.text), answer.stats)
     assert answer.stats.generated_tokens > 0
     assert "Paris" in answer.text
@@ -146,4 +150,4 @@ def test_x2_bundle_opens_its_cpu_model_where_the_npu_is_simulated(x2_bundle):
 
 def test_x2_bundle_cpu_fallback_runs(x2_bundle):
     session = runtime.load(x2_bundle, backend="onnx/cpu")
-    assert "Paris" in session.complete("What is the capital of France?", max_new_tokens=16).text
+    assert "Paris" in session.complete(QUESTION, max_new_tokens=16).text
