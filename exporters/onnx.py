@@ -59,9 +59,9 @@ def npu_bundle_bytes(config: Any, target: Any, delegate: str | None) -> float:
     """The NPU flavour adds two context binaries (prefill and decode graph), each with every weight."""
     if delegate != "qnn":
         return 0.0
-    from edgepack.exporters.onnx_qnn import DEFAULTS
+    from edgepack.exporters.onnx_qnn import target_options
 
-    bits = int(((getattr(target, "options", None) or {}).get("onnx") or {}).get("npu_weight_bits", DEFAULTS["npu_weight_bits"]))
+    bits = int(target_options(target)["npu_weight_bits"])
     stored = config.num_parameters() + (config.vocab_size * config.hidden_size if config.tie_word_embeddings else 0)
     return 2 * stored * bits / 8 * CONTEXT_BINARY_OVERHEAD
 

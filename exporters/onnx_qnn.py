@@ -6,7 +6,8 @@ allocate on it). So there are two graphs over a fixed context C: prefill (T = ch
 (T = 1), each reading `past [1, kv, C - T, D]`; activations are 16-bit and weights 8-bit (or 4-bit) by
 default, calibrated on real English text (edgepack.evaltext) run through the same host loop the runtime
 uses. Position 0 (the attention sink, with activations ~30x any other position's) is left to the bundle's
-CPU model at run time and so is kept out of the calibrated ranges (runtime/onnxruntime_backend.py). The QNN EP silently compiles for a default SoC when it does not know the one named, so the SoC and
+CPU model at run time and so is kept out of the calibrated ranges (runtime/onnxruntime_backend.py).
+The QNN EP silently compiles for a default SoC when it does not know the one named, so the SoC and
 HTP arch are checked against the table below before anything runs, and the SoC id is read back from
 every compiled binary.
 """
@@ -40,6 +41,11 @@ CHECK_TOKENS = 512
 GRAPHS = ("prefill", "decode")
 
 
+def target_options(target: Any) -> dict[str, Any]:
+    """The target's [options.onnx] over DEFAULTS, unchecked (the fit check reads them before anything is installed)."""
+    return {**DEFAULTS, **((getattr(target, "options", None) or {}).get("onnx") or {})}
+
+
 def npu_options(target: Any) -> dict[str, Any]:
     """The target's [options.onnx], validated: onnxruntime-qnn installed, SoC known, arch consistent."""
     try:
@@ -47,7 +53,7 @@ def npu_options(target: Any) -> dict[str, Any]:
     except ImportError:
         raise EdgepackError("onnxruntime-qnn is not installed (it compiles the NPU models)", f"pip install {QNN_PIN}") from None
     name = getattr(target, "name", "?")
-    options = {**DEFAULTS, **((getattr(target, "options", None) or {}).get("onnx") or {})}
+    options = target_options(target)
     soc = str(options.get("soc_model", ""))
     if soc not in SOCS:
         raise UsageError(
@@ -94,15 +100,19 @@ def export_npu(request: ExportRequest, options: dict[str, Any]) -> dict[str, Any
     with tempfile.TemporaryDirectory(prefix="edgepack-qnn-") as tmp:
         work = Path(keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        fp32 = write_static_graphs(request.model, work, context, prefill, request.step)
+        graphs = write_static_graphs(request.model, work, context, prefill, request.step)
+        # position 0 as the runtime computes it (the bundle's CPU model): never part of the calibrated ranges
+        first, tokenizer = cpu_first_position(request, context), staged_tokenizer(request)
         request.step("calibrate on real text")
-        feeds = calibration_feeds(fp32, request, context, prefill, options)
+        # fp32 sessions are opened per step, not held: for a 1.5B student they are ~14 GB, and the quantizer
+        # loads the graphs again in between
+        feeds = calibration_feeds(cpu_sessions(graphs), first, tokenizer, cfg, context, prefill, options)
         quantized = {g: work / f"{g}_qdq.onnx" for g in GRAPHS}
         for graph in GRAPHS:
             request.step(f"quantize {graph} graph (QDQ a{options['npu_activation_bits']}w{options['npu_weight_bits']})")
-            quantize_qdq(fp32[graph], quantized[graph], feeds[graph], options)
+            quantize_qdq(graphs[graph], quantized[graph], feeds[graph], options)
         request.step(f"check the quantized graphs against fp32 ({CHECK_TOKENS} tokens, ONNX Runtime CPU)")
-        check = check_quantized(fp32, quantized, request, context, prefill)
+        check = check_quantized(cpu_sessions(graphs), cpu_sessions(quantized), first, tokenizer, cfg, context, prefill)
         files: dict[str, str] = {}
         for graph in GRAPHS:
             request.step(f"compile {graph} graph for {options['soc_model']} (QNN HTP)")
@@ -145,16 +155,14 @@ def write_static_graphs(model: Any, work: Path, context: int, prefill: int, step
     return paths
 
 
-def calibration_feeds(fp32: dict[str, Path], request: ExportRequest, context: int, prefill: int,
+def calibration_feeds(fp32: dict[str, Any], first: Any, tokenizer: Any, cfg: Any, context: int, prefill: int,
                       options: dict[str, Any]) -> dict[str, list[dict[str, np.ndarray]]]:
-    """Run the fp32 static graphs (ORT CPU) through the runtime's own host loop and record every feed: a
+    """Run the fp32 static graphs (ORT sessions) through the runtime's own host loop and record every feed: a
     long prose passage (prefill chunks, then decode steps spread over the context) and a few chat turns
     rendered with the model's template, prompt prefilled and reply decoded as at run time (template tokens
     have activations prose never shows: with them top-1 went 86.7% -> 88.5% on SmolLM2-135M)."""
     from edgepack.evaltext import default_text
 
-    cfg = request.model.config
-    tokenizer = staged_tokenizer(request)
     prose = tokenizer.encode(default_text(min_chars=80_000))[CALIBRATION_OFFSET:]
     prefill_tokens = min(int(options.get("calibration_prefill_tokens", 256)), context - prefill)
     decode_tokens = min(int(options.get("calibration_decode_tokens", 128)), context - prefill_tokens)
@@ -171,9 +179,7 @@ def calibration_feeds(fp32: dict[str, Path], request: ExportRequest, context: in
                 return
         recorded[graph].append({k: v.copy() for k, v in feeds.items()})
 
-    # position 0 as the runtime computes it (the bundle's CPU model): never part of the calibrated ranges
-    decoder = static_decoder(cpu_sessions(fp32), cfg, context, prefill, first=cpu_first_position(request, context),
-                             record=record)
+    decoder = static_decoder(fp32, cfg, context, prefill, first=first, record=record)
     for prompt, reply in sequences:
         decoder.reset()
         decoder.forward(np.array(prompt), 0)
@@ -233,28 +239,19 @@ def cpu_first_position(request: ExportRequest, context: int) -> Any:
                          cfg.vocab_size)
 
 
-class _Scorer:
-    def __init__(self, decoder: Any) -> None:
-        self.decoder = decoder
-
-    def score(self, ids: np.ndarray) -> np.ndarray:
-        self.decoder.reset()
-        return self.decoder.forward(np.asarray(ids), 0)
-
-
-def check_quantized(fp32: dict[str, Path], quantized: dict[str, Path], request: ExportRequest, context: int,
-                    prefill: int) -> dict[str, Any]:
-    """Teacher-force the QDQ graphs against the fp32 graphs on the evaluation text, before compiling: ORT CPU
-    runs the same fixed-point math as the HTP, in seconds where the x86 simulator takes ~20 s a token. A build
-    that would babble on the NPU fails the export here, with the figures (thresholds: [npu_qdq])."""
+def check_quantized(fp32: dict[str, Any], quantized: dict[str, Any], first: Any, tokenizer: Any, cfg: Any,
+                    context: int, prefill: int) -> dict[str, Any]:
+    """Teacher-force the QDQ graphs against the fp32 graphs (ORT sessions) on the evaluation text, before
+    compiling: ORT CPU runs the same fixed-point math as the HTP, in seconds where the x86 simulator takes ~20 s
+    a token. A build that would babble on the NPU fails the export here, with the figures ([npu_qdq])."""
     from edgepack.evaltext import default_text
+    from edgepack.runtime import Session
     from edgepack.verify import teacher_forcing, thresholds_for
 
-    cfg = request.model.config
-    reference = static_decoder(cpu_sessions(fp32), cfg, context, prefill)
-    candidate = static_decoder(cpu_sessions(quantized), cfg, context, prefill, first=cpu_first_position(request, context))
-    ids = staged_tokenizer(request).encode(default_text())[: CHECK_TOKENS + 1]
-    agreement = teacher_forcing(_Scorer(reference), _Scorer(candidate), ids, window=context)
+    reference = Session(static_decoder(fp32, cfg, context, prefill), tokenizer)
+    candidate = Session(static_decoder(quantized, cfg, context, prefill, first=first), tokenizer)
+    ids = tokenizer.encode(default_text())[: CHECK_TOKENS + 1]
+    agreement = teacher_forcing(reference, candidate, ids, window=context)
     failures = thresholds_for("npu_qdq", "onnx", "qnn").failures(agreement)
     if failures:
         raise EdgepackError(

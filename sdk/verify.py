@@ -314,7 +314,7 @@ def verify_bundle(
     manifest = read_manifest(bundle)
     preset, backend = manifest["quantization"]["name"], manifest["backend"]["name"]
     delegate = manifest["backend"].get("delegate")
-    thresholds = thresholds_for(preset, backend, delegate)
+    thresholds_for(preset, backend, delegate)  # an unknown preset fails here, before the reference is loaded
     text, text_source = load_text(text_file)
     if student is None:
         step("load reference model")
@@ -336,7 +336,7 @@ def verify_bundle(
         session = runtime.load(bundle, backend=manifest["backend"]["host_check"])
     # What actually ran, e.g. an NPU bundle's CPU model on a host where the NPU would only be simulated.
     ran = getattr(session.decoder, "label", None) or backend + (f"/{delegate}" if delegate else "")
-    thresholds = thresholds_for(preset, *ran.split("/", 1)) if "/" in ran else thresholds_for(preset, ran)
+    thresholds = thresholds_for(preset, *ran.split("/", 1))
     ref = _reference_session(student, manifest)
     hf_tokenizer = _hf_tokenizer(student)
 

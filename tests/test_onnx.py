@@ -14,7 +14,6 @@ import torch
 from edgepack.blocks import Int4Blocks
 from edgepack.errors import EdgepackError, UsageError
 from edgepack.exporters.onnx_graph import GraphSpec, build_decoder, int4_blocks_from_float
-from edgepack.model import rope_frequencies
 from edgepack.runtime import TorchDecoder
 from edgepack.runtime.onnxruntime_backend import OrtCpuDecoder, StaticGraphDecoder
 from edgepack.targets import Target
@@ -134,12 +133,11 @@ def npu_build(tmp_path_factory):
 
 
 def static_decoder(model, paths: dict[str, Path], record=None, sessions=None) -> StaticGraphDecoder:
-    import onnxruntime as ort
+    """The exporter's own host loop (ORT sessions of the graphs in `paths`, or `sessions` as given)."""
+    from edgepack.exporters import onnx_qnn
 
-    cfg = model.config
-    sessions = sessions or {g: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for g, p in paths.items()}
-    return StaticGraphDecoder(lambda g, f: sessions[g].run(None, f), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                              CONTEXT, 16, cfg.vocab_size, rope_frequencies(cfg).numpy(), record=record)
+    sessions = sessions or onnx_qnn.cpu_sessions(paths)
+    return onnx_qnn.static_decoder(sessions, model.config, CONTEXT, 16, record=record)
 
 
 def test_static_graphs_match_eager(npu_build, tokens):
