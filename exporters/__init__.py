@@ -19,7 +19,7 @@ from edgepack.model import CausalLM
 if TYPE_CHECKING:
     from edgepack.blocks import Int4Blocks
     from edgepack.model import ModelConfig
-    from edgepack.quantize import QuantPreset
+    from edgepack.presets import QuantPreset
     from edgepack.targets import Target
 
 
@@ -46,7 +46,11 @@ Preflight = Callable[["Target", "str | None", "QuantPreset"], None]
 # extra_bundle_bytes(config, target, delegate): files beyond the model's weights (e.g. NPU context binaries),
 # so the fit check before the export sees the bundle's real size
 ExtraBytes = Callable[["ModelConfig", "Target", "str | None"], float]
+# context_limit(target, delegate): the longest context the exporter can build for this target (e.g. the NPU's
+# static graphs), or None; the plan caps its default context there and refuses a longer --max-context.
+ContextLimit = Callable[["Target", "str | None"], "int | None"]
 _EXPORTERS: dict[str, Exporter] = {}
+_CONTEXT_LIMIT: dict[str, ContextLimit] = {}
 _PREFLIGHT: dict[str, Preflight] = {}
 _EXTRA_BYTES: dict[str, ExtraBytes] = {}
 _QUANTIZES: set[str] = set()
@@ -55,11 +59,11 @@ _ONE_TIED_TABLE: set[str] = set()
 
 def register_exporter(
     name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False,
-    extra_bundle_bytes: ExtraBytes | None = None,
+    extra_bundle_bytes: ExtraBytes | None = None, context_limit: ContextLimit | None = None,
 ) -> Callable[[Exporter], Exporter]:
     """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks;
     `one_tied_table`: it stores a tied embedding and output layer as one table, so the output layer must
-    stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes."""
+    stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes; `context_limit`: see ContextLimit."""
 
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
@@ -73,6 +77,8 @@ def register_exporter(
             _PREFLIGHT[name] = preflight
         if extra_bundle_bytes:
             _EXTRA_BYTES[name] = extra_bundle_bytes
+        if context_limit:
+            _CONTEXT_LIMIT[name] = context_limit
         return fn
 
     return wrap
@@ -97,6 +103,11 @@ def preflight(name: str, target: "Target", delegate: str | None, preset: "QuantP
 def extra_bundle_bytes(name: str, config: "ModelConfig", target: "Target", delegate: str | None) -> float:
     _import_builtin_exporters()
     return _EXTRA_BYTES[name](config, target, delegate) if name in _EXTRA_BYTES else 0.0
+
+
+def context_limit(name: str, target: "Target", delegate: str | None) -> int | None:
+    _import_builtin_exporters()
+    return _CONTEXT_LIMIT[name](target, delegate) if name in _CONTEXT_LIMIT else None
 
 
 def get_exporter(name: str) -> Exporter:

@@ -1,20 +1,34 @@
-"""Lower a quantized `CausalLM` to a Core ML ML program (`model.mlpackage`) shaped for the Apple Neural Engine.
+"""Lower a quantized `CausalLM` to a Core ML ML program (`model.mlpackage`) in the stateful-LLM layout that
+Hugging Face's swift-transformers (`LanguageModel.loadCompiled` -> `LanguageModelWithStatefulKVCache`) drives.
+
+The contract, read from swift-transformers' Sources/Models/LanguageModel.swift (see SWIFT_TRANSFORMERS) and
+checked on the written package by `check_swift_transformers` (its result is the manifest's
+`backend.swift_transformers`):
+- default function `main`: inputs `inputIds` int32 [1, T] with a *ranged* T (1..context; swift-transformers
+  fatalErrors "Expecting ranged query sequence length." unless max - min > 1) and `causalMask` fp16
+  [1, 1, 1, P + T + 1]; states `keyCache` / `valueCache` fp16 [layers, 1, kv_heads, context, head_dim] (one of
+  each for all layers, as Apple's and Hugging Face's stateful exports have them); output `logits` [1, T, vocab];
+  metadata `co.huggingface.exporters.{name,task,architecture,framework,precision}`.
+- the cache position P of inputIds' first token is derived from the shapes swift-transformers passes (see
+  `cache_position`); the causal mask itself is built inside the model (swift-transformers passes zeros).
+- two more functions for the Neural Engine, `prefill` (a fixed chunk of tokens) and `decode` (1 token), with
+  static shapes (the ANE compiles those ahead; a ranged function runs on the GPU/CPU) and inputs `inputIds` +
+  `position` (int32 [1]), over the same weights and the same state layout. swift-transformers cannot pick a
+  function; they are for apps that call Core ML themselves (`MLModelConfiguration.functionName`).
 
 Why each choice:
 - iOS 18 / macOS 15 ML program: the first with Core ML *state* (the KV cache stays inside the model between
   calls) and with block-wise int4 weights (`constexpr_blockwise_shift_scale`).
 - torch.export frontend on a Core ML-specific forward (`CoreMLCausalLM`) that reuses the project's modules
-  and weights: the ExecuTorch path's `index_copy_`/custom ops do not convert, and the ANE wants static
-  shapes. The cache is written with a one-hot matmul (`cache * keep + onehot @ k`) instead of a dynamic slice,
-  and attention reads the whole static cache under an additive mask: matmul, mul, add, softmax only.
-- Two functions in one multifunction package, `prefill` (a fixed chunk of tokens) and `decode` (1 token),
-  sharing one copy of the weights and the same state layout: every shape static, as the ANE compiles them.
-  (Enumerated input lengths in one function fail torch.export's symbolic shape guards on the GQA reshapes.)
+  and weights: the ExecuTorch path's `index_copy_`/custom ops do not convert. The cache is written with a
+  one-hot matmul (`cache * keep + onehot @ k`) instead of a dynamic slice, and attention reads the whole
+  static cache under an additive mask: matmul, mul, add, softmax only, the same graph for every function.
 - fp16 everywhere (the ANE computes in fp16); RMSNorm is rescaled by max|x| first so x^2 cannot overflow.
 - Weights: the preset's quantization is carried, not redone. Each torchao int4/int8 weight becomes a Core ML
   block-wise (or per-channel) shift-scale constant with exactly its codes and scales, built with
   coremltools.optimize's own constexpr builder; re-quantizing already-quantized weights stacks a second
-  rounding (see sdk/blocks.py). A tied embedding gathers from the output layer's int8 table: one copy.
+  rounding (see sdk/blocks.py). A tied embedding gathers from the output layer's int8 table: one copy, shared
+  by the three functions (`save_multifunction` deduplicates them).
 """
 
 from __future__ import annotations
@@ -32,17 +46,25 @@ from torch import nn
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.coreml_ane import ane_report
-from edgepack.model import CausalLM, ModelConfig, build_model, rope_frequencies
+from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, build_model, rope_frequencies
 
 PROGRAM_FILE = "model.mlpackage"
-PREFILL, DECODE = "prefill", "decode"  # the package's two functions
-INPUT_IDS, POSITION, LOGITS = "input_ids", "position", "logits"
+MAIN, PREFILL, DECODE = "main", "prefill", "decode"  # main: swift-transformers; prefill/decode: the ANE's
+INPUT_IDS, CAUSAL_MASK, POSITION, LOGITS = "inputIds", "causalMask", "position", "logits"
+KEY_CACHE, VALUE_CACHE = "keyCache", "valueCache"
 MASK_VALUE = -30000.0  # additive mask: far below any fp16 score, far from fp16's -65504 overflow
 DEPLOYMENT_TARGETS = ("iOS18", "macOS15")
+IOS18_SPEC_VERSION = 9  # Core ML specification version of iOS 18 / macOS 15 (states)
+# Where the contract was read: the class that drives a stateful model, at this commit (tag 1.3.3 + 4).
+SWIFT_TRANSFORMERS = "huggingface/swift-transformers@eec09bdffb04 Sources/Models/LanguageModel.swift"
+HF_TASK = "text-generation"
+HF_METADATA = ("name", "task", "architecture", "framework", "precision")  # co.huggingface.exporters.<key>
+HF_ARCHITECTURES = {family: name for name, family in SUPPORTED_ARCHITECTURES.items()}
 
 
-def state_names(num_layers: int) -> list[str]:
-    return [f"{kind}_cache_{i}" for i in range(num_layers) for kind in ("k", "v")]
+def state_shape(cfg: ModelConfig, max_context: int) -> tuple[int, ...]:
+    """keyCache / valueCache: [layers, batch 1, kv_heads, context, head_dim], one state each for all layers."""
+    return (cfg.num_layers, 1, cfg.num_kv_heads, max_context, cfg.head_dim)
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -138,6 +160,18 @@ def carried_weights(model: CausalLM) -> tuple[dict[str, torch.Tensor], dict[str,
 # ------------------------------------------------------------------------------------ Core ML forward
 
 
+def cache_position(input_ids: torch.Tensor, causal_mask: torch.Tensor) -> Any:
+    """Cache position of inputIds' first token, from the shapes swift-transformers passes.
+
+    LanguageModelWithStatefulKVCache.predictNextTokenScores feeds `causalMask` = zeros [1, 1, 1, tokenCount + 1],
+    tokenCount = every token so far including this call's: at prefill inputIds is the whole prompt [1, N] and
+    the mask has N + 1 columns; then inputIds is the last token [1, 1] and the mask has N + k + 1. That is one
+    column more than Apple's recipe (the Mistral 7B export takes [1, 1, T, P + T], P = columns - T); we follow
+    what swift-transformers actually passes: P = columns - 1 - T. The mask's values (zeros) carry nothing; the
+    causal mask is built in the model from P."""
+    return causal_mask.shape[-1] - 1 - input_ids.shape[1]
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """RMSNorm that is safe in fp16: x * rsqrt(mean(x^2) + eps) == y * rsqrt(mean(y^2) + eps/c^2), y = x/c."""
     c = x.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
@@ -150,9 +184,24 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
+@dataclass
+class Attend:
+    """What every layer of one call attends with, and the caches it wrote (for the one state write at the end)."""
+
+    cos: torch.Tensor  # [T, D]
+    sin: torch.Tensor
+    onehot: torch.Tensor  # [1, 1, S, T]: 1 where key position s is written by input token t
+    keep: torch.Tensor  # [S, 1]: 0 at the positions written
+    mask: torch.Tensor  # [G*T, S] additive causal mask, rows g*T + t
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
 class CoreMLCausalLM(nn.Module):
-    """`forward(input_ids int32 [1, T], position int32 [1]) -> logits [1, T, vocab]`, KV cache in fp16 buffers
-    (Core ML states) laid out [1, kv_heads, max_context, head_dim] per layer. Same math as `CausalLM`."""
+    """The math of `CausalLM` for Core ML: KV cache in two fp16 buffers (Core ML states `keyCache`/`valueCache`,
+    `state_shape`), logits [1, T, vocab]. Subclasses say where a call's T tokens sit in the cache. Their
+    `forward` calls `decoder_layer` and `head` itself: torch.export records only that frame of the stack, which
+    is how the ANE report tells layers from head (exporters/coreml_ane.py)."""
 
     def __init__(self, lm: CausalLM, max_context: int) -> None:
         super().__init__()
@@ -164,56 +213,102 @@ class CoreMLCausalLM(nn.Module):
         self.register_buffer("cos_table", angles.cos(), persistent=False)
         self.register_buffer("sin_table", angles.sin(), persistent=False)
         self.register_buffer("key_positions", torch.arange(max_context, dtype=torch.int32), persistent=False)
-        shape = (1, cfg.num_kv_heads, max_context, cfg.head_dim)
-        for name in state_names(cfg.num_layers):
-            self.register_buffer(name, torch.zeros(shape, dtype=torch.float16), persistent=False)
+        for name in (KEY_CACHE, VALUE_CACHE):
+            self.register_buffer(name, torch.zeros(state_shape(cfg, max_context), dtype=torch.float16), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        seq = input_ids.shape[1]
-        positions = position + torch.arange(seq, dtype=torch.int32)  # [T]
-        cos, sin = self.cos_table[positions], self.sin_table[positions]  # [T, D]
+    def prepare(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Attend]:
+        """input_ids int32 [1, T] at cache positions `positions` int32 [T] -> embeddings and the attention setup."""
         onehot = (self.key_positions[:, None] == positions[None, :]).to(torch.float16)  # [S, T]
-        keep = 1.0 - onehot.sum(dim=-1, keepdim=True)  # [S, 1]
         visible = self.key_positions[None, :] <= positions[:, None]  # [T, S]
-        mask = torch.where(visible, 0.0, MASK_VALUE).repeat(self.groups, 1)  # [G*T, S], rows g*T + t
-        x = self.lm.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.lm.model.layers):
-            x = self.decoder_layer(i, layer, x, cos, sin, onehot[None, None], keep, mask)
-        return self.head(x)
+        attend = Attend(
+            cos=self.cos_table[positions],
+            sin=self.sin_table[positions],
+            onehot=onehot[None, None],
+            keep=1.0 - onehot.sum(dim=-1, keepdim=True),
+            mask=torch.where(visible, 0.0, MASK_VALUE).repeat(self.groups, 1),
+            keys=[],
+            values=[],
+        )
+        return self.lm.model.embed_tokens(input_ids), attend
 
-    def decoder_layer(self, i: int, layer: nn.Module, x, cos, sin, onehot, keep, mask) -> torch.Tensor:
+    def decoder_layer(self, i: int, layer: nn.Module, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         cfg, seq = self.config, x.shape[1]
         attn = layer.self_attn
         h = _rms_norm(layer.input_layernorm, x)
         q = attn.q_proj(h).view(1, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [1, H, T, D]
         k = attn.k_proj(h).view(1, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(1, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = _rotate(q, cos, sin) * (cfg.head_dim**-0.5)
-        k = _rotate(k, cos, sin)
-        caches = []
-        for kind, new in (("k", k), ("v", v)):
-            cache = getattr(self, f"{kind}_cache_{i}")
-            updated = (cache * keep + torch.matmul(onehot, new.to(cache.dtype))).reshape(cache.shape)
-            cache[:] = updated  # -> Core ML coreml_update_state
-            caches.append(updated.to(q.dtype))
-        k_all, v_all = caches
+        q = _rotate(q, attend.cos, attend.sin) * (cfg.head_dim**-0.5)
+        k = _rotate(k, attend.cos, attend.sin)
+        for state, new, written in ((self.keyCache, k, attend.keys), (self.valueCache, v, attend.values)):
+            written.append(state[i] * attend.keep + torch.matmul(attend.onehot, new.to(state.dtype)))  # [1, Hkv, S, D]
+        k_all, v_all = attend.keys[-1].to(q.dtype), attend.values[-1].to(q.dtype)
         # Grouped-query attention without copying K/V: the G query heads of one KV head become G*T rows.
         q = q.reshape(1, cfg.num_kv_heads, self.groups * seq, cfg.head_dim)
-        scores = torch.matmul(q, k_all.transpose(2, 3)) + mask
+        scores = torch.matmul(q, k_all.transpose(2, 3)) + attend.mask
         out = torch.matmul(torch.softmax(scores, dim=-1), v_all)  # [1, Hkv, G*T, D]
-        out = out.reshape(1, cfg.num_heads, seq, cfg.head_dim).transpose(1, 2).reshape(1, seq, -1)
-        x = x + attn.o_proj(out)
+        # unflatten, not reshape: torch.export cannot prove the reshape's stride guard for a symbolic T.
+        out = out.unflatten(2, (self.groups, seq)).permute(0, 3, 1, 2, 4)  # [1, T, Hkv, G, D]
+        x = x + attn.o_proj(out.reshape(1, seq, cfg.num_heads * cfg.head_dim))
         return x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+
+    def write_states(self, attend: Attend) -> None:
+        """One write per state (-> Core ML coreml_update_state), every layer's cache at once."""
+        self.keyCache[:] = torch.stack(attend.keys)
+        self.valueCache[:] = torch.stack(attend.values)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         return self.lm.lm_head(_rms_norm(self.lm.model.norm, x))
 
 
-def coreml_module(model: CausalLM, max_context: int) -> tuple[CoreMLCausalLM, dict[str, Grid]]:
-    """The Core ML forward over float copies of the quantized model's weights, and their grids."""
+class SwiftTransformersLM(CoreMLCausalLM):
+    """Function `main`: `forward(inputIds int32 [1, T], causalMask fp16 [1, 1, 1, P + T + 1])`, as
+    swift-transformers calls it (argument names are the Core ML input names)."""
+
+    def forward(self, inputIds: torch.Tensor, causalMask: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        positions = torch.arange(inputIds.shape[1], dtype=torch.int32) + cache_position(inputIds, causalMask)
+        x, attend = self.prepare(inputIds, positions)
+        for i, layer in enumerate(self.lm.model.layers):
+            x = self.decoder_layer(i, layer, x, attend)
+        self.write_states(attend)
+        return self.head(x)
+
+
+class FixedShapeLM(CoreMLCausalLM):
+    """Functions `prefill`/`decode` (static T, for the Neural Engine): `forward(inputIds int32 [1, T],
+    position int32 [1])`, position = cache position of the first token."""
+
+    def forward(self, inputIds: torch.Tensor, position: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        x, attend = self.prepare(inputIds, position + torch.arange(inputIds.shape[1], dtype=torch.int32))
+        for i, layer in enumerate(self.lm.model.layers):
+            x = self.decoder_layer(i, layer, x, attend)
+        self.write_states(attend)
+        return self.head(x)
+
+
+def coreml_module(model: CausalLM, max_context: int, function: str = MAIN) -> tuple[CoreMLCausalLM, dict[str, Grid]]:
+    """The Core ML forward of `function` over float copies of the quantized model's weights, and their grids."""
     floats, grids = carried_weights(model)
     lm = build_model(model.config, floats, max_context=1)  # its own KV buffers are unused here
-    return CoreMLCausalLM(lm, max_context).eval(), grids
+    cls = SwiftTransformersLM if function == MAIN else FixedShapeLM
+    return cls(lm, max_context).eval(), grids
+
+
+def export_program(module: CoreMLCausalLM, seq_len: int | None) -> torch.export.ExportedProgram:
+    """torch.export of a Core ML forward, decomposed: what coremltools converts (and what the tests run).
+    `seq_len` None: `main`, query length 1..context and mask columns 2..context + 1; else that many tokens."""
+    ctx = module.max_context
+    if seq_len is None:
+        example = (torch.zeros((1, 3), dtype=torch.int32), torch.zeros((1, 1, 1, 4), dtype=torch.float16))
+        dims = {
+            "inputIds": {1: torch.export.Dim("query_length", min=1, max=ctx)},
+            "causalMask": {3: torch.export.Dim("mask_columns", min=2, max=ctx + 1)},
+        }
+    else:
+        example = (torch.zeros((1, seq_len), dtype=torch.int32), torch.zeros((1,), dtype=torch.int32))
+        dims = None
+    with torch.no_grad():
+        return torch.export.export(module, example, dynamic_shapes=dims).run_decompositions({})
 
 
 # ----------------------------------------------------------------------------------------- conversion
@@ -270,9 +365,27 @@ def carry_grids(prog: Any, grids: dict[str, Grid]) -> dict[str, str]:
     return done
 
 
-def convert(model: CausalLM, max_context: int, seq_len: int, deployment: str = "iOS18") -> tuple[Any, dict[str, str]]:
-    """torch.export -> Core ML MIL program for `seq_len` input tokens (static), fp16, KV cache as states, the
-    quantization grids carried. Static shapes: the ANE compiles them ahead; one program per input length."""
+def _coreml_inputs(seq_len: int | None, max_context: int) -> list[Any]:
+    import coremltools as ct
+
+    if seq_len is None:  # main: the ranges swift-transformers needs (see cache_position for the mask)
+        return [
+            ct.TensorType(name=INPUT_IDS, shape=(1, ct.RangeDim(1, max_context, default=1)), dtype=np.int32),
+            ct.TensorType(
+                name=CAUSAL_MASK, shape=(1, 1, 1, ct.RangeDim(2, max_context + 1, default=2)), dtype=np.float16
+            ),
+        ]
+    return [
+        ct.TensorType(name=INPUT_IDS, shape=(1, seq_len), dtype=np.int32),
+        ct.TensorType(name=POSITION, shape=(1,), dtype=np.int32),
+    ]
+
+
+def convert(
+    model: CausalLM, max_context: int, seq_len: int | None, deployment: str = "iOS18"
+) -> tuple[Any, dict[str, str]]:
+    """torch.export -> Core ML MIL program, fp16, KV cache as states, the quantization grids carried.
+    `seq_len` None: the ranged `main` function (swift-transformers); else a static one of that many tokens."""
     import coremltools as ct
 
     if deployment not in DEPLOYMENT_TARGETS:
@@ -280,22 +393,16 @@ def convert(model: CausalLM, max_context: int, seq_len: int, deployment: str = "
             f"Core ML deployment target {deployment!r} is not supported",
             f"use one of {', '.join(DEPLOYMENT_TARGETS)} (states and int4 blocks need iOS 18 / macOS 15)",
         )
-    module, grids = coreml_module(model, max_context)
-    cfg = model.config
-    example = (torch.zeros((1, seq_len), dtype=torch.int32), torch.zeros((1,), dtype=torch.int32))
-    with torch.no_grad():
-        exported = torch.export.export(module, example).run_decompositions({})
-    state_shape = (1, cfg.num_kv_heads, max_context, cfg.head_dim)
+    module, grids = coreml_module(model, max_context, MAIN if seq_len is None else DECODE)
+    exported = export_program(module, seq_len)
+    shape = state_shape(model.config, max_context)
     prog = ct.convert(
         exported,
-        inputs=[
-            ct.TensorType(name=INPUT_IDS, shape=(1, seq_len), dtype=np.int32),
-            ct.TensorType(name=POSITION, shape=(1,), dtype=np.int32),
-        ],
+        inputs=_coreml_inputs(seq_len, max_context),
         outputs=[ct.TensorType(name=LOGITS, dtype=np.float16)],
         states=[
-            ct.StateType(wrapped_type=ct.TensorType(shape=state_shape, dtype=np.float16), name=name)
-            for name in state_names(cfg.num_layers)
+            ct.StateType(wrapped_type=ct.TensorType(shape=shape, dtype=np.float16), name=name)
+            for name in (KEY_CACHE, VALUE_CACHE)
         ],
         minimum_deployment_target=getattr(ct.target, deployment),
         compute_precision=ct.precision.FLOAT16,
@@ -319,37 +426,256 @@ def save_program(prog: Any, path: Path, deployment: str) -> None:
     mlmodel.save(str(path))
 
 
-def build_package(
-    model: CausalLM, path: Path, max_context: int, prefill: int, deployment: str = "iOS18",
-    step: Callable[[str], None] = lambda _msg: None,
-) -> dict[str, Any]:
-    """Write the multifunction .mlpackage (`prefill` for `prefill` tokens, `decode` for 1; one weight copy,
-    the same states) and return what the manifest records about it."""
+def package_functions(max_context: int, prefill: int) -> dict[str, int]:
+    """Function -> the most tokens one call takes. `main` is the default (what swift-transformers loads)."""
+    functions = {MAIN: max_context, PREFILL: prefill, DECODE: 1}
+    if prefill <= 1:
+        del functions[PREFILL]
+    return functions
+
+
+def package_metadata(name: str, cfg: ModelConfig, max_context: int) -> dict[str, str]:
+    """The user-defined metadata: Hugging Face's exporter keys (swift-transformers reads `name` as the model's
+    name, and as the Hub repo to fetch a tokenizer from when the app passes none), then edgepack's own."""
+    from edgepack import __version__
+
+    hf = {"name": name, "task": HF_TASK, "architecture": HF_ARCHITECTURES[cfg.architecture],
+          "framework": "pytorch", "precision": "float16"}  # fmt: skip
+    return {f"co.huggingface.exporters.{k}": v for k, v in hf.items()} | {
+        "edgepack.version": __version__,
+        "edgepack.context_length": str(max_context),
+        "edgepack.cache_position": "causalMask.shape[-1] - 1 - inputIds.shape[1] (swift-transformers' mask)",
+        "edgepack.functions": f"{MAIN}: swift-transformers (default); {PREFILL}, {DECODE}: Neural Engine "
+        f"({INPUT_IDS} + {POSITION})",
+    }
+
+
+def _write_with_metadata(source: Path, path: Path, metadata: dict[str, str], description: str) -> None:
+    """Copy the package to `path` with its description and user-defined metadata set (save_multifunction
+    writes none)."""
     import coremltools as ct
 
-    functions = {DECODE: 1, PREFILL: prefill} if prefill > 1 else {DECODE: 1}
+    mlmodel = ct.models.MLModel(str(source), skip_model_load=True)
+    mlmodel.short_description = description
+    mlmodel.user_defined_metadata.update(metadata)
+    mlmodel.save(str(path))
+
+
+def build_package(
+    model: CausalLM, path: Path, max_context: int, prefill: int, deployment: str = "iOS18",
+    step: Callable[[str], None] = lambda _msg: None, metadata: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Write the .mlpackage (`main` ranged, the default; `prefill`/`decode` static; one weight copy, the same
+    state layout) and return what the manifest records about it."""
+    import coremltools as ct
+
+    functions = package_functions(max_context, prefill)
     reports, carried = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         desc = ct.utils.MultiFunctionDescriptor()
-        for name, seq_len in functions.items():
-            step(f"convert to Core ML: {name} ({seq_len} tokens)")
+        for name, tokens in functions.items():
+            seq_len = None if name == MAIN else tokens
+            step(f"convert to Core ML: {name} ({f'1..{tokens}' if seq_len is None else tokens} tokens)")
             prog, carried = convert(model, max_context, seq_len, deployment)
-            reports[name] = ane_report(prog, seq_len)
+            reports[name] = ane_report(prog, f"1..{tokens}" if seq_len is None else tokens)
             single = Path(tmp) / f"{name}.mlpackage"
             save_program(prog, single, deployment)
             del prog
             desc.add_function(str(single), src_function_name="main", target_function_name=name)
-        desc.default_function_name = DECODE
+        desc.default_function_name = MAIN
         step("write mlpackage (weights shared by the functions)")
-        ct.utils.save_multifunction(desc, str(path))
+        merged = Path(tmp) / "merged.mlpackage"
+        ct.utils.save_multifunction(desc, str(merged))
+        meta = metadata or package_metadata(HF_ARCHITECTURES[model.config.architecture], model.config, max_context)
+        _write_with_metadata(merged, path, meta, f"{meta['co.huggingface.exporters.name']}: stateful causal LM "
+                             f"for swift-transformers (default function {MAIN})")
     kinds: dict[str, int] = {}
     for kind in carried.values():
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {
-        "functions": functions,
-        "weights": kinds,
-        "ane_report": {name: report for name, report in reports.items()},
-    }
+    return {"functions": functions, "weights": kinds, "ane_report": reports, "metadata": meta}
+
+
+# ------------------------------------------------------------------------------ swift-transformers contract
+
+# What check_swift_transformers verifies, each tied to what LanguageModelWithStatefulKVCache does.
+CONTRACT_CHECKS = (
+    "specification version >= 9 (iOS 18 / macOS 15; Core ML state)",
+    "the default function (Core ML loads it: swift-transformers names none) is the one checked",
+    "inputs are only those swift-transformers feeds (inputIds, causalMask, optional attentionMask)",
+    "inputIds: int32 [1, T], T a range (not enumerated) with max - min > 1 (init fatalErrors otherwise) "
+    "that accepts 1 token (extend mode)",
+    "causalMask: fp16, accepts [1, 1, 1, 2..context + 1] (zeros [1, 1, 1, tokenCount + 1] at every call)",
+    "states keyCache and valueCache both present (kvCacheAvailability), fp16, equal shapes "
+    "[layers, 1, kv_heads, context, head_dim], context >= inputIds' largest T",
+    "output logits: multiarray of rank 3 [1, T, vocab] (read from the ML program; it reads row T - 1)",
+    "metadata co.huggingface.exporters.{name, task = text-generation, architecture, framework, precision}",
+)
+
+
+def _default_function(spec: Any) -> tuple[str, Any]:
+    """(name, description) of the function Core ML loads when the app names none, as swift-transformers does."""
+    description = spec.description
+    if not description.functions:
+        return "main", description
+    for function in description.functions:
+        if function.name == description.defaultFunctionName:
+            return function.name, function
+    return description.defaultFunctionName, None
+
+
+def _accepted_sizes(array: Any) -> list[tuple[int, int | None]] | None:
+    """Each dimension's accepted sizes (lowest, highest; None = unbounded); None for enumerated shapes."""
+    kind = array.WhichOneof("ShapeFlexibility")
+    if kind == "enumeratedShapes":
+        return None
+    if kind == "shapeRange":
+        return [(r.lowerBound, None if r.upperBound < 0 else r.upperBound) for r in array.shapeRange.sizeRanges]
+    return [(int(d), int(d)) for d in array.shape]
+
+
+def _covers(accepted: tuple[int, int | None], low: int, high: int) -> bool:
+    return accepted[0] <= low and (accepted[1] is None or accepted[1] >= high)
+
+
+def _program_output_dims(spec: Any, function: str, name: str) -> list[int | None] | None:
+    """The dimensions of a function's output as the ML program types it (None = unknown size); the
+    description of an ML program's output carries no shape."""
+    if function not in spec.mlProgram.functions:
+        return None
+    program_function = spec.mlProgram.functions[function]
+    block = program_function.block_specializations[program_function.opset]
+    for op in block.operations:
+        for out in op.outputs:
+            if out.name == name and out.type.WhichOneof("type") == "tensorType":
+                dims = out.type.tensorType.dimensions
+                return [d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in dims]
+    return None
+
+
+def _multiarray(feature: Any, dtype: int) -> Any | None:
+    kind = feature.type.WhichOneof("Type")
+    array = feature.type.multiArrayType if kind == "multiArrayType" else None
+    return array if array is not None and array.dataType == dtype else None
+
+
+def _check_states(states: dict[str, Any], problems: list[str]) -> list[int] | None:
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    shapes = {}
+    for name in (KEY_CACHE, VALUE_CACHE):
+        if name not in states:
+            problems.append(f"no state {name}")
+            continue
+        array = states[name].type.stateType.arrayType
+        if array.dataType != ft.ArrayFeatureType.FLOAT16:
+            problems.append(f"state {name} is not fp16")
+        shapes[name] = [int(d) for d in array.shape]
+    if len(shapes) < 2:
+        return None
+    key, value = shapes[KEY_CACHE], shapes[VALUE_CACHE]
+    if key != value:
+        problems.append(f"states keyCache {key} and valueCache {value} differ in shape")
+    elif len(key) != 5 or key[1] != 1:
+        problems.append(f"states are {key}, not [layers, 1, kv_heads, context, head_dim]")
+    else:
+        return key
+    return None
+
+
+def _check_input_ids(feature: Any, problems: list[str]) -> tuple[int, int | None] | None:
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    array = _multiarray(feature, ft.ArrayFeatureType.INT32)
+    if array is None:
+        problems.append("inputIds is not an int32 multiarray")
+        return None
+    sizes = _accepted_sizes(array)
+    if sizes is None or len(sizes) != 2:
+        problems.append("inputIds is not [1, T] with a ranged T (enumerated shapes or another rank)")
+        return None
+    (batch, (low, high)) = sizes[0], sizes[1]
+    if not _covers(batch, 1, 1):
+        problems.append("inputIds does not take batch 1")
+    if high is None or high - low <= 1:
+        problems.append(f"inputIds' length {low}..{high or 'unbounded'} is not a bounded range with max - min > 1 "
+                        "(swift-transformers: \"Expecting ranged query sequence length.\")")
+    if low > 1:
+        problems.append(f"inputIds does not accept 1 token (its range starts at {low}; extend mode passes [1, 1])")
+    return low, high
+
+
+def _check_mask(feature: Any, most_tokens: int | None, problems: list[str]) -> None:
+    from coremltools.proto import FeatureTypes_pb2 as ft
+
+    array = _multiarray(feature, ft.ArrayFeatureType.FLOAT16)
+    if array is None:
+        problems.append("causalMask is not an fp16 multiarray (swift-transformers passes Float16)")
+        return
+    sizes = _accepted_sizes(array)
+    columns = (2, (most_tokens or 2) + 1)
+    need = [(1, 1), (1, 1), (1, 1), columns]
+    if sizes is None or len(sizes) != 4 or not all(_covers(a, *n) for a, n in zip(sizes, need)):
+        problems.append(f"causalMask does not accept [1, 1, 1, {columns[0]}..{columns[1]}] (swift-transformers "
+                        "passes zeros [1, 1, 1, tokenCount + 1])")
+
+
+def swift_transformers_problems(spec: Any, vocab_size: int | None = None) -> tuple[list[str], dict[str, Any]]:
+    """What in a Core ML spec swift-transformers' LanguageModelWithStatefulKVCache could not drive (one phrase
+    each; empty when nothing), and the figures read: function, query length range, state shape."""
+    problems: list[str] = []
+    if spec.specificationVersion < IOS18_SPEC_VERSION:
+        problems.append(f"specification version {spec.specificationVersion} < {IOS18_SPEC_VERSION} (iOS 18, states)")
+    function, description = _default_function(spec)
+    if description is None:
+        return problems + [f"the default function {function!r} is not in the package"], {"function": function}
+    inputs = {f.name: f for f in description.input}
+    states = {f.name: f for f in description.state}
+    outputs = {f.name: f for f in description.output}
+    extra = sorted(set(inputs) - {INPUT_IDS, CAUSAL_MASK, "attentionMask"})
+    if extra:
+        problems.append(f"inputs {extra} are not fed by swift-transformers (it feeds {INPUT_IDS}, {CAUSAL_MASK})")
+    state = _check_states(states, problems)
+    query = _check_input_ids(inputs[INPUT_IDS], problems) if INPUT_IDS in inputs else None
+    if INPUT_IDS not in inputs:
+        problems.append(f"no input {INPUT_IDS}")
+    context = state[3] if state else None
+    if query and context and query[1] is not None and query[1] > context:
+        problems.append(f"inputIds takes up to {query[1]} tokens, the cache holds {context}")
+    if CAUSAL_MASK in inputs:
+        _check_mask(inputs[CAUSAL_MASK], context or (query[1] if query else None), problems)
+    else:
+        problems.append(f"no input {CAUSAL_MASK}")
+    if LOGITS not in outputs or outputs[LOGITS].type.WhichOneof("Type") != "multiArrayType":
+        problems.append(f"no multiarray output {LOGITS}")
+    else:
+        dims = _program_output_dims(spec, function, LOGITS)
+        if dims is None or len(dims) != 3:
+            problems.append(f"logits has rank {None if dims is None else len(dims)}, not 3 ([1, T, vocab])")
+        elif vocab_size is not None and dims[2] not in (None, vocab_size):
+            problems.append(f"logits' last dimension is {dims[2]}, not the vocabulary's {vocab_size}")
+    metadata = dict(spec.description.metadata.userDefined)
+    missing = [key for key in HF_METADATA if not metadata.get(f"co.huggingface.exporters.{key}")]
+    if missing:
+        problems.append(f"metadata lacks co.huggingface.exporters.{{{', '.join(missing)}}}")
+    elif metadata["co.huggingface.exporters.task"] != HF_TASK:
+        problems.append(f"metadata task is {metadata['co.huggingface.exporters.task']!r}, not {HF_TASK!r}")
+    return problems, {"function": function, "query_length": list(query) if query else None, "state_shape": state}
+
+
+def check_swift_transformers(path: Path, vocab_size: int | None = None) -> dict[str, Any]:
+    """Load the written package's spec with coremltools (no Core ML runtime needed: Linux) and check every
+    requirement swift-transformers has (CONTRACT_CHECKS); the result is the manifest's
+    `backend.swift_transformers`. A package that misses one is an exporter bug: refused, never written."""
+    import coremltools as ct
+
+    problems, figures = swift_transformers_problems(ct.utils.load_spec(str(path)), vocab_size)
+    if problems:
+        raise EdgepackError(
+            f"{path.name} does not meet swift-transformers' contract: {'; '.join(problems)}",
+            "report this bug (the Core ML exporter wrote a package swift-transformers cannot drive)",
+        )
+    return {"status": "passed", "contract": SWIFT_TRANSFORMERS, "class": "LanguageModelWithStatefulKVCache",
+            **figures, "checked": list(CONTRACT_CHECKS)}  # fmt: skip
 
 
 def quiet_coremltools() -> None:
@@ -359,8 +685,8 @@ def quiet_coremltools() -> None:
 
 @register_exporter("coreml", one_tied_table=True)
 def export_coreml(request: ExportRequest) -> dict[str, Any]:
-    """Write model.mlpackage (a folder) into the bundle; the manifest records its functions, states,
-    weight formats and the ANE report."""
+    """Write model.mlpackage (a folder) into the bundle, check it against swift-transformers' contract; the
+    manifest records its functions, inputs, states, weight formats, metadata, the check and the ANE report."""
     options = request.target.options.get("coreml", {}) if getattr(request, "target", None) else {}
     deployment = str(options.get("minimum_deployment_target", "iOS18"))
     if request.max_context % 64:
@@ -369,23 +695,40 @@ def export_coreml(request: ExportRequest) -> dict[str, Any]:
             "the KV-cache states' sequence axis is kept aligned to 64 for the Neural Engine; use e.g. 2048",
         )
     quiet_coremltools()
+    cfg, ctx = request.model.config, request.max_context
+    # The Hub id (or name) of the student when the request carries it; the architecture's name otherwise.
+    name = getattr(request, "model_name", None) or HF_ARCHITECTURES[cfg.architecture]
+    path = request.writer.path(PROGRAM_FILE)
     info = build_package(
-        request.model, request.writer.path(PROGRAM_FILE), request.max_context, request.max_prefill, deployment,
-        request.step,
+        request.model, path, ctx, request.max_prefill, deployment, request.step, package_metadata(name, cfg, ctx)
     )
-    cfg = request.model.config
+    request.step("check the package against swift-transformers' contract")
+    contract = check_swift_transformers(path, cfg.vocab_size)
     return {
         "name": "coreml",
         "delegate": None,
         "program": PROGRAM_FILE,
         "host_check": "reference",  # Linux/Windows: the reference model on the weights read back from the package
-        "compute_units": str(options.get("compute_units", "ALL")),
-        "method": DECODE,
+        # swift-transformers' default (LanguageModel.loadCompiled); a ranged function does not run on the ANE
+        "compute_units": str(options.get("compute_units", "CPU_AND_GPU")),
+        "method": MAIN,
         "functions": info["functions"],
-        "max_prefill": request.max_prefill,
-        "inputs": {INPUT_IDS: "int32 [1, T]", POSITION: "int32 [1] (cache position of the first token)"},
+        "max_prefill": request.max_prefill,  # the host check's chunk; `main` takes up to functions.main at once
+        "inputs": {
+            INPUT_IDS: f"int32 [1, T], T = 1..{ctx}",
+            CAUSAL_MASK: "fp16 [1, 1, 1, P + T + 1], as swift-transformers passes it (zeros): only its shape is "
+            "read, P = columns - 1 - T is the cache position of the first token",
+        },
         "outputs": {LOGITS: "fp16 [1, T, vocab]"},
-        "states": {"names": state_names(cfg.num_layers), "shape": [1, cfg.num_kv_heads, request.max_context, cfg.head_dim], "dtype": "fp16"},
+        "states": {"names": [KEY_CACHE, VALUE_CACHE], "shape": list(state_shape(cfg, ctx)), "dtype": "fp16"},
+        "ane_functions": {
+            "functions": [f for f in info["functions"] if f != MAIN],
+            "inputs": {INPUT_IDS: "int32 [1, T], T fixed per function", POSITION: "int32 [1] (cache position of "
+                       "the first token)"},
+            "states": "the same as main's",
+        },
+        "swift_transformers": contract,
+        "metadata": info["metadata"],
         "minimum_deployment_target": deployment,
         "compute_precision": "float16",
         "weights": info["weights"],

@@ -93,8 +93,9 @@ def _reasons(op: Any) -> list[str]:
     return sorted(set(reasons))
 
 
-def ane_report(prog: Any, seq_len: int, function: str = "main") -> dict[str, Any]:
-    """Op census and the ops that would not run on the ANE, by region, for the manifest."""
+def ane_report(prog: Any, input_tokens: int | str, function: str = "main") -> dict[str, Any]:
+    """Op census and the ops that would not run on the ANE, by region, for the manifest. `input_tokens`: the
+    function's query length, a number or a range such as "1..2048" (a ranged function is all dynamic shapes)."""
     from coremltools.converters.mil.mil import types
 
     main = prog.functions[function]
@@ -130,7 +131,7 @@ def ane_report(prog: Any, seq_len: int, function: str = "main") -> dict[str, Any
     off_ane = sorted(flagged.values(), key=lambda e: (e["region"], e["op"]))
     return {
         "method": "static rules on the MIL program (see edgepack/exporters/coreml_ane.py); placement is decided on device",
-        "input_tokens": seq_len,
+        "input_tokens": input_tokens,
         "ops": census,
         "output_dtypes": dtypes,
         "compressed_weights": weights,

@@ -99,6 +99,21 @@ def pack_int4_embedding(model: CausalLM) -> CausalLM:
     return model
 
 
+class LastPositionLogits(nn.Module):
+    """`forward(tokens [1, T], input_pos [1]) -> logits [1, vocab]` of the last position only, as ExecuTorch's
+    own LLM export writes it (`generate_full_logits=False`): the output layer runs over one row per call
+    instead of T (a 37-token prompt needed 37 x 49,152 logits for the one the sampler reads), and the
+    program's output buffer is vocab floats, not T x vocab. Verification scores every position by feeding
+    the program one token at a time (`Session.score`)."""
+
+    def __init__(self, model: CausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(self.model.hidden_states(tokens, input_pos)[:, -1, :])
+
+
 @dataclass
 class Metadata:
     bos_id: int | None
@@ -120,14 +135,15 @@ class Metadata:
         }
 
 
-def lower_to_pte(model: CausalLM, meta: Metadata, step: Callable[[str], None] = lambda _: None) -> bytes:
-    """Export, lower to XNNPACK and serialize; returns the .pte bytes."""
+def lower_to_pte(model: CausalLM, meta: Metadata,
+                 step: Callable[[str], None] = lambda _: None) -> tuple[bytes, list[str]]:
+    """Export, lower to XNNPACK and serialize; returns the .pte bytes and the operators it calls."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    model = pack_int4_embedding(use_executorch_attention(model))
+    model = LastPositionLogits(pack_int4_embedding(use_executorch_attention(model)))
     tokens = torch.zeros((1, 2), dtype=torch.long)
     input_pos = torch.zeros((1,), dtype=torch.long)
     seq = torch.export.Dim("seq", min=1, max=meta.max_prefill)
@@ -151,7 +167,36 @@ def lower_to_pte(model: CausalLM, meta: Metadata, step: Callable[[str], None] = 
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
-    return program.buffer
+    return program.buffer, program_operators(program)
+
+
+# Operator namespace -> the ExecuTorch kernel library that registers it: CMake target / iOS framework.
+KERNEL_LIBRARIES = {
+    "llama": ("custom_ops", "kernels_llm"),  # EXECUTORCH_BUILD_KERNELS_LLM
+    "quantized_decomposed": ("quantized_ops_lib", "kernels_quantized"),  # EXECUTORCH_BUILD_KERNELS_QUANTIZED
+    "aten": ("optimized_native_cpu_ops_lib", "kernels_optimized"),
+}
+
+
+def kernel_libraries(operators: list[str]) -> dict[str, Any]:
+    """What an app links for a program besides the runtime and XNNPACK (`xnnpack_backend` / `backend_xnnpack`),
+    read from the operators the emitted program calls outside its delegate: a process without their kernels
+    fails at method load with "Missing operator". Android's prebuilt `executorch.aar` (LlmModule) has them all."""
+    namespaces = sorted({op.split("::")[0] for op in operators if "::" in op})
+    return {
+        "operators": sorted(operators),
+        "cmake": ["xnnpack_backend", *(KERNEL_LIBRARIES[n][0] for n in namespaces if n in KERNEL_LIBRARIES)],
+        "ios": ["backend_xnnpack", *(KERNEL_LIBRARIES[n][1] for n in namespaces if n in KERNEL_LIBRARIES)],
+    }
+
+
+def program_operators(program: Any) -> list[str]:
+    """`namespace::name[.overload]` of every operator the program's execution plans call."""
+    found = set()
+    for plan in program.executorch_program.execution_plan:
+        for op in plan.operators:
+            found.add(op.name + (f".{op.overload}" if op.overload and op.overload != "default" else ""))
+    return sorted(found)
 
 
 def _check_delegate(target: Any, delegate: str | None, preset: Any) -> None:
@@ -180,12 +225,16 @@ def export_executorch(request: ExportRequest) -> dict[str, Any]:
         max_prefill=request.max_prefill,
         vocab_size=request.model.config.vocab_size,
     )
-    pte = lower_to_pte(request.model, meta, request.step)
+    pte, operators = lower_to_pte(request.model, meta, request.step)
     Path(request.writer.path(PROGRAM_FILE)).write_bytes(pte)
     return {
         "name": "executorch",
         "delegate": request.delegate,
         "program": PROGRAM_FILE,
         "method": "forward",
+        "logits": "last",  # forward returns [1, vocab] for the last input position
         "max_prefill": request.max_prefill,
+        # What an app links besides the ExecuTorch runtime and XNNPACK for this program's operators (a process
+        # without them fails at method load with "Missing operator"): see `kernel_libraries`.
+        "kernel_libraries": kernel_libraries(operators),
     }

@@ -1,11 +1,13 @@
 """Lower the decoder to ONNX for ONNX Runtime: delegate "cpu" (one dynamic-shape model) or "qnn" (the
 Snapdragon Hexagon NPU bundle: EPContext models for the target's SoC, plus the CPU model as fallback).
 
-The CPU model takes `input_ids [1, T]` and the KV cache of every layer as explicit inputs
-(`past_key_i [1, kv_heads, P, head_dim]`, P = tokens already cached = the position of the first new token)
-and returns `logits [1, T, vocab]` and `present_key_i` (the cache grown by T). Presets: fp32, and int4 as
-ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1 blocks carried exactly; embedding and output layer
-int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
+The CPU model takes `input_ids [1, T]`, `attention_mask [1, P + T]` (ones; P = tokens already cached) and
+the KV cache of every layer (`past_key_i [1, kv_heads, S, head_dim]`), and returns `logits [1, T, vocab]` and
+`present_key_i`. GroupQueryAttention reads the cached length from the mask, so the cache can be one
+max-length buffer bound as both past and present (onnxruntime-genai's `past_present_share_buffer`, and what
+edgepack's backend does): the bundle is an onnxruntime-genai model folder (`genai_config.json`). Presets:
+fp32, and int4 as ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1 blocks carried exactly; embedding and
+output layer int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
 
 The int4 model computes at MatMulNBits accuracy level 4 (activations rounded to int8 per block, as
 llama.cpp's Q4 x Q8 dot products and onnxruntime-genai's CPU builds do): the fp32 path (level 0) is exact
@@ -22,6 +24,7 @@ from edgepack.errors import EdgepackError, UsageError
 from edgepack.exporters import ExportRequest, register_exporter
 
 CPU_PROGRAM = "model.onnx"
+GENAI_CONFIG = "genai_config.json"  # makes the bundle an onnxruntime-genai model folder
 PRESET_WEIGHTS = {"fp32": "fp32", "int4": "int4"}  # edgepack preset -> onnx_graph weights flavour
 INT8_ACTIVATIONS = 4  # MatMulNBits accuracy_level of the int4 CPU model (see above)
 ORT_PIN = "onnx==1.23.2 onnxruntime==1.32.0"
@@ -66,7 +69,18 @@ def npu_bundle_bytes(config: Any, target: Any, delegate: str | None) -> float:
     return 2 * stored * bits / 8 * CONTEXT_BINARY_OVERHEAD
 
 
-@register_exporter("onnx", quantizes=True, preflight=check_onnx_export, extra_bundle_bytes=npu_bundle_bytes)
+def npu_context(target: Any, delegate: str | None) -> int | None:
+    """NPU bundles have one context: the static graphs' (the CPU model gets the same, so that the manifest,
+    `inspect` and every backend of the bundle agree on it)."""
+    if delegate != "qnn":
+        return None
+    from edgepack.exporters.onnx_qnn import target_options
+
+    return int(target_options(target)["npu_context"])
+
+
+@register_exporter("onnx", quantizes=True, preflight=check_onnx_export, extra_bundle_bytes=npu_bundle_bytes,
+                   context_limit=npu_context)
 def export_onnx(request: ExportRequest) -> dict[str, Any]:
     """Write the CPU model (and for delegate "qnn" the NPU context models); returns the backend section."""
     import onnxruntime
@@ -79,6 +93,7 @@ def export_onnx(request: ExportRequest) -> dict[str, Any]:
         options = npu_options(request.target)
         check_npu_budget(request.model.config, options, request.target)  # before any long work
     cpu = write_cpu_model(request, PRESET_WEIGHTS[preset_name])
+    request.writer.write_json(GENAI_CONFIG, genai_config(request))
     if request.delegate == "qnn":
         npu = export_npu(request, options)
     section: dict[str, Any] = {
@@ -88,6 +103,7 @@ def export_onnx(request: ExportRequest) -> dict[str, Any]:
         "max_prefill": request.max_prefill,
         "onnxruntime": onnxruntime.__version__,
         "cpu": cpu,
+        "genai_config": GENAI_CONFIG,
     }
     if npu:
         section["npu"] = npu
@@ -110,8 +126,49 @@ def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
         "int4_block": 32 if weights == "int4" else None,
         "accuracy_level": level,
         "gguf_blocks_carried": len(carried),
-        "inputs": "input_ids[1,T] int64, past_key_i/past_value_i[1,kv_heads,P,head_dim] (P = start position)",
-        "outputs": "logits[1,T,vocab], present_key_i/present_value_i[1,kv_heads,P+T,head_dim]",
+        "inputs": "input_ids[1,T] int64, attention_mask[1,P+T] int64 (ones), past_key_i/past_value_i"
+                  "[1,kv_heads,S,head_dim] (S = P, or one max-length buffer shared with present_*)",
+        "outputs": "logits[1,T,vocab], present_key_i/present_value_i[1,kv_heads,max(S,P+T),head_dim]",
+    }
+
+
+def genai_config(request: ExportRequest) -> dict[str, Any]:
+    """onnxruntime-genai's model-folder config (the contract of its `src/config.cpp`, as its own builder writes
+    it for GroupQueryAttention models): the CPU model with the shared past/present buffer (genai's fast path).
+
+    NPU bundles: genai gets the CPU model too. Their NPU graphs take RoPE tables and an additive mask from the
+    host and compute position 0 on the CPU model (see runtime/onnxruntime_backend.py): a host loop that
+    genai's QNN pipeline does not have, so naming the QNN EP here would not run them."""
+    cfg = request.model.config
+    eos = list(request.eos_ids)
+    return {
+        "model": {
+            "type": cfg.architecture,  # "llama" / "qwen2": genai's decoder-only LLM types
+            "bos_token_id": request.bos_id if request.bos_id is not None else eos[0],
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": eos[0],
+            "context_length": request.max_context,
+            "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": CPU_PROGRAM,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"},
+                "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
+                            "present_value_names": "present_value_%d"},
+            },
+        },
+        "search": {
+            "do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": request.max_context,
+            "min_length": 0, "past_present_share_buffer": True, "early_stopping": True, "length_penalty": 1.0,
+            "repetition_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
     }
 
 

@@ -116,6 +116,8 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: dict[str, Int4Blocks] | N
             helper.make_tensor_value_info("sin", TensorProto.FLOAT, [seq_dim, D]),
             helper.make_tensor_value_info("attention_mask", TensorProto.FLOAT, [seq_dim, total_dim]),
         ]
+    else:  # 1 for every position attended to (cached + new): what onnxruntime-genai feeds its GQA models
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, [1, total_dim]))
     for i in range(cfg.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, [1, Hkv, past_dim, D]))
@@ -127,7 +129,7 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: dict[str, Int4Blocks] | N
         sin = g.op("Unsqueeze", ["sin", g.const([1])], "sin")
         positions = (cos, sin, "attention_mask")
     else:
-        positions = _gqa_positions(g, cfg, ids, model.max_context)
+        positions = _gqa_positions(g, cfg, model.max_context)
 
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, seq_dim, cfg.vocab_size])]
     for i in range(cfg.num_layers):
@@ -236,19 +238,22 @@ def _int4_linear(g: GraphBuilder, x: str, parts: list[Int4Blocks], base: str, sp
     return g.op("Add", [y, shift], "q4o")
 
 
-def _gqa_positions(g: GraphBuilder, cfg: Any, ids: str, max_context: int) -> tuple[str, ...]:
-    """CPU graph: what GroupQueryAttention needs to place T new tokens after the cached ones (the cache length
-    is read from past_key_0's shape): rotary tables cos, sin [max_context, D/2], seqlens_k, total length."""
+def _gqa_positions(g: GraphBuilder, cfg: Any, max_context: int) -> tuple[str, ...]:
+    """CPU graph: what GroupQueryAttention needs to place T new tokens after the cached ones, derived from the
+    `attention_mask` input as onnxruntime-genai's own models do: seqlens_k = attended positions - 1 and the
+    total length. Not from the cache's shape, so the cache may be one max-length buffer shared by past and
+    present (genai's `past_present_share_buffer`; edgepack's backend binds it the same way): no per-step
+    copies. Rotary tables cos, sin [max_context, D/2]."""
     from onnx import TensorProto
 
     from edgepack.model import rope_frequencies
 
     angles = torch.arange(max_context, dtype=torch.float32)[:, None] * rope_frequencies(cfg)[None, :]
     tables = g.init("rope_cos", angles.cos().numpy()), g.init("rope_sin", angles.sin().numpy())
-    past = g.op("Shape", ["past_key_0"], "past_len", start=2, end=3)  # [1]
-    total = g.op("Add", [past, g.op("Shape", [ids], "seq_len")], "total")  # [1]
-    seqlens_k = g.op("Cast", [g.op("Sub", [total, g.const([1])], "last")], "seqlens_k", to=TensorProto.INT32)
-    total = g.op("Cast", [g.op("Squeeze", [total, g.const([0])], "total_s")], "total_i", to=TensorProto.INT32)
+    attended = g.op("ReduceSum", ["attention_mask", g.const([1])], "attended", keepdims=0)  # [1]
+    seqlens_k = g.op("Cast", [g.op("Sub", [attended, g.const([1])], "last")], "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"), g.const(1)], "total", axis=0)
+    total = g.op("Cast", [total], "total_i", to=TensorProto.INT32)
     return tables[0], tables[1], seqlens_k, total
 
 

@@ -94,7 +94,7 @@ def export_npu(request: ExportRequest, options: dict[str, Any]) -> dict[str, Any
     from edgepack.model import rope_frequencies
 
     cfg = request.model.config
-    context = min(int(options["npu_context"]), request.max_context)
+    context = request.max_context  # the plan capped it at options["npu_context"] (`npu_context` in onnx.py)
     prefill = min(int(options["npu_prefill"]), context // 2)
     keep = os.environ.get("EDGEPACK_QNN_WORK")  # debugging aid: keep the fp32 and QDQ graphs in this folder
     with tempfile.TemporaryDirectory(prefix="edgepack-qnn-") as tmp:

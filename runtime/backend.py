@@ -24,7 +24,8 @@ class Decoder(Protocol):
     vocab_size: int
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        """tokens: int64 [T]; returns float32 logits [T, vocab] for each of the T positions."""
+        """tokens: int64 [T]; returns float32 logits [T, vocab] for each of the T positions, or [1, vocab] for
+        the last one where the decoder has `last_logits_only = True` (what generation needs)."""
         ...
 
     def reset(self) -> None:

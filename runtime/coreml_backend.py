@@ -1,8 +1,10 @@
 """Core ML backend: stateful prediction of the bundle's model.mlpackage through coremltools (macOS only).
 
-The package has two functions over one KV-cache state: `prefill` (a fixed chunk of tokens) and `decode`
-(one token). A chunk shorter than the prefill length is padded: the padded positions are written past the
-real tokens and rewritten before anything reads them (attention sees positions <= its own only).
+It drives the package's default function `main` exactly as Hugging Face's swift-transformers
+(`LanguageModelWithStatefulKVCache`) does, so that what passes here is what a Swift chat app runs: `inputIds`
+int32 [1, T] (the whole prompt in one call, then one token a call) and `causalMask` fp16 zeros
+[1, 1, 1, tokenCount + 1], tokenCount = every token so far; the model derives the cache position from those
+shapes (edgepack/exporters/coreml.py, `cache_position`). One MLState holds the KV cache (`keyCache`/`valueCache`).
 
 On Linux Core ML cannot predict; `weights_from_mlpackage` still reads the program's weights back
 (dequantized from its int4/int8 constants), which is how the reference backend checks a Core ML bundle here.
@@ -19,46 +21,38 @@ import numpy as np
 from edgepack.errors import EdgepackError
 from edgepack.runtime.backend import register_backend
 
-PREFILL, DECODE = "prefill", "decode"
+MAIN = "main"  # the default function: what swift-transformers loads (it names no function)
+INPUT_IDS, CAUSAL_MASK, LOGITS = "inputIds", "causalMask", "logits"
+
+
+def swift_transformers_inputs(tokens: np.ndarray, start_pos: int) -> dict[str, np.ndarray]:
+    """What swift-transformers feeds for `tokens` written at cache position `start_pos`: inputIds int32 [1, T]
+    and causalMask fp16 zeros [1, 1, 1, tokenCount + 1] with tokenCount = start_pos + T (prefill: start 0 and
+    the whole prompt; extend: the last token at tokenCount - 1)."""
+    ids = np.ascontiguousarray(tokens, dtype=np.int32).reshape(1, -1)
+    return {INPUT_IDS: ids, CAUSAL_MASK: np.zeros((1, 1, 1, start_pos + ids.shape[1] + 1), dtype=np.float16)}
 
 
 class CoreMLDecoder:
-    """A `Decoder` over the package's `prefill`/`decode` functions sharing one MLState."""
+    """A `Decoder` over the package's `main` function and one MLState."""
 
-    def __init__(self, path: Path, max_context: int, vocab_size: int, prefill: int, compute_units: str = "ALL") -> None:
+    def __init__(self, path: Path, max_context: int, vocab_size: int, compute_units: str = "CPU_AND_GPU") -> None:
         import coremltools as ct
 
-        units = getattr(ct.ComputeUnit, compute_units)
-        self.max_context, self.vocab_size, self.max_prefill_chunk = max_context, vocab_size, prefill
-        self._decode = ct.models.MLModel(str(path), compute_units=units, function_name=DECODE)
-        self._prefill = ct.models.MLModel(str(path), compute_units=units, function_name=PREFILL) if prefill > 1 else None
-        self._state = self._decode.make_state()
+        self.max_context, self.vocab_size = max_context, vocab_size
+        # No function named, as swift-transformers names none: the package's default function, `main`.
+        self._model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, compute_units))
+        self._state = self._model.make_state()
 
     def reset(self) -> None:
-        self._state = self._decode.make_state()
-
-    def _call(self, model: Any, tokens: np.ndarray, start: int) -> np.ndarray:
-        out = model.predict(
-            {"input_ids": tokens.astype(np.int32)[None], "position": np.array([start], dtype=np.int32)}, state=self._state
-        )
-        return np.asarray(out["logits"], dtype=np.float32)[0]
+        self._state = self._model.make_state()
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
-        tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(-1)
+        tokens = np.asarray(tokens).reshape(-1)
         if start_pos < 0 or start_pos + tokens.size > self.max_context:
             raise ValueError(f"positions {start_pos}..{start_pos + tokens.size} exceed max_context {self.max_context}")
-        rows, i, chunk = [], 0, self.max_prefill_chunk
-        while i < tokens.size:
-            left = tokens.size - i
-            if left == 1 or self._prefill is None:
-                rows.append(self._call(self._decode, tokens[i : i + 1], start_pos + i))
-                i += 1
-                continue
-            part = tokens[i : i + min(chunk, left)]
-            padded = np.concatenate([part, np.zeros(chunk - part.size, dtype=np.int64)])
-            rows.append(self._call(self._prefill, padded, start_pos + i)[: part.size])
-            i += part.size
-        return np.concatenate(rows, axis=0)
+        out = self._model.predict(swift_transformers_inputs(tokens, start_pos), state=self._state)
+        return np.asarray(out[LOGITS], dtype=np.float32)[0]
 
 
 def weights_from_mlpackage(path: Path, config: Any) -> dict[str, Any]:
@@ -79,7 +73,7 @@ def weights_from_mlpackage(path: Path, config: Any) -> dict[str, Any]:
     wanted = {"p_lm_" + n.replace(".", "_"): n for n in names}
     if config.tie_word_embeddings:
         wanted["p_lm_lm_head_weight"] = "model.embed_tokens.weight"
-    function = prog.functions.get(DECODE) or next(iter(prog.functions.values()))
+    function = prog.functions.get(MAIN) or next(iter(prog.functions.values()))
     state: dict[str, torch.Tensor] = {}
     for op in function.operations:
         if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
@@ -103,11 +97,18 @@ def open_coreml(bundle_dir: Path, manifest: dict[str, Any]) -> CoreMLDecoder:
             "Core ML prediction needs macOS or iOS (this bundle's backend is coreml)",
             f"run it on a Mac or in the iOS demo; for a host check: edgepack run {bundle_dir} PROMPT --backend reference",
         )
+    from edgepack.bundle import bundle_file
+
     backend = manifest["backend"]
+    if MAIN not in backend["functions"]:
+        raise EdgepackError(
+            f"this Core ML bundle has no {MAIN!r} function (functions {sorted(backend['functions'])}): it predates "
+            "the swift-transformers layout",
+            "re-export it with this edgepack",
+        )
     return CoreMLDecoder(
-        Path(bundle_dir) / backend["program"],
+        bundle_file(bundle_dir, manifest, backend["program"]),
         max_context=int(manifest["context_length"]),
         vocab_size=int(manifest["model"]["config"]["vocab_size"]),
-        prefill=int(backend["functions"].get(PREFILL, 1)),
-        compute_units=str(backend.get("compute_units", "ALL")),
+        compute_units=str(backend.get("compute_units", "CPU_AND_GPU")),
     )

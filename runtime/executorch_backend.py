@@ -35,12 +35,15 @@ def set_threads(count: int) -> None:
 
 
 class ExecuTorchDecoder:
-    """A `Decoder` over a .pte's `forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab]`."""
+    """A `Decoder` over a .pte's `forward(tokens [1, T], input_pos [1])`: logits [1, vocab] of the last position
+    (`last_logits_only`, bundles since the ExecuTorch runner work) or [1, T, vocab] (earlier bundles)."""
 
-    def __init__(self, program_path: Path, max_context: int, vocab_size: int, max_prefill_chunk: int) -> None:
+    def __init__(self, program_path: Path, max_context: int, vocab_size: int, max_prefill_chunk: int,
+                 last_logits_only: bool = False) -> None:
         import torch
 
         self._torch = torch
+        self.last_logits_only = last_logits_only
         self.path = program_path
         self.max_context, self.vocab_size, self.max_prefill_chunk = max_context, vocab_size, max_prefill_chunk
         self._runtime = load_executorch_runtime()
@@ -58,15 +61,18 @@ class ExecuTorchDecoder:
         torch = self._torch
         tokens_t = torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1))
         (logits,) = self._method.execute([tokens_t, torch.tensor([start_pos], dtype=torch.long)])
-        return logits[0].float().numpy()
+        return logits.float().numpy().reshape(-1, self.vocab_size)
 
 
 @register_backend("executorch")
 def open_executorch(bundle_dir: Path, manifest: dict[str, Any]) -> ExecuTorchDecoder:
+    from edgepack.bundle import bundle_file
+
     backend = manifest["backend"]
     return ExecuTorchDecoder(
-        Path(bundle_dir) / backend["program"],
+        bundle_file(bundle_dir, manifest, backend["program"]),
         max_context=int(manifest["context_length"]),
         vocab_size=int(manifest["model"]["config"]["vocab_size"]),
         max_prefill_chunk=int(backend["max_prefill"]),
+        last_logits_only=backend.get("logits") == "last",
     )

@@ -2,7 +2,8 @@
 execution provider on its HTP backend (`onnx/qnn`; on x86 Linux that is Qualcomm's HTP simulator).
 
 Both keep the KV cache on the host, because the models take it as explicit inputs/outputs:
-- CPU: the cache grows by concat (`present_*` outputs become the next call's `past_*` inputs).
+- CPU: one max-length buffer per layer, bound as both `past_*` and `present_*` (GroupQueryAttention appends in
+  place; the graph reads the attended length from `attention_mask`, as onnxruntime-genai's models do).
 - NPU: static shapes. Each graph reads `past [1, kv, C - T, D]` plus T new tokens and returns only the new
   keys/values; the host owns a [1, kv, C, D] buffer per layer, writes them at their positions and passes
   RoPE cos/sin and an additive mask (padding and empty cache slots masked) as inputs.
@@ -39,7 +40,10 @@ def session_options(threads: int | None = None) -> Any:
 
 
 class OrtCpuDecoder:
-    """A `Decoder` over the CPU model: past cache in, present cache out."""
+    """A `Decoder` over the CPU model with one max-length KV buffer per layer, bound (IOBinding) as both the
+    `past_*` input and the `present_*` output: GroupQueryAttention writes the new keys/values in place, as in
+    onnxruntime-genai's `past_present_share_buffer` mode. No cache is copied per step, so a decode step costs
+    the same at position 1,500 as at 0 (the old concat layout copied the whole cache in and out each step)."""
 
     label = "onnx/cpu"  # what verification reports as the backend that ran
 
@@ -48,29 +52,37 @@ class OrtCpuDecoder:
         import onnxruntime as ort
 
         source = program if isinstance(program, bytes) else str(program)
+        self._ort = ort
         self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_context, self.vocab_size, self.max_prefill_chunk = max_context, vocab_size, max_prefill_chunk
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.reset()
+        shape = (1, kv_heads, max_context, head_dim)
+        # name -> numpy buffer; the OrtValues below share its memory (host-side reads see what GQA wrote).
+        self.cache = {f"past_{kind}_{i}": np.zeros(shape, np.float32)
+                      for i in range(num_layers) for kind in ("key", "value")}
+        self.binding = self.session.io_binding()
+        for name, buffer in self.cache.items():
+            value = ort.OrtValue.ortvalue_from_numpy(buffer)
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
+        self.cached = 0  # positions held in the buffers
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32)
-        self.cache: dict[str, np.ndarray] = {
-            f"past_{kind}_{i}": empty for i in range(self.num_layers) for kind in ("key", "value")
-        }
+        self.cached = 0  # GQA reads only the first `attention_mask` positions: no need to clear the buffers
 
     def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1)
-        cached = self.cache["past_key_0"].shape[2]
-        if start_pos > cached or start_pos + tokens.shape[1] > self.max_context:
-            raise ValueError(f"start_pos {start_pos} with {tokens.shape[1]} tokens: cache holds {cached}, "
+        if start_pos > self.cached or start_pos + tokens.shape[1] > self.max_context:
+            raise ValueError(f"start_pos {start_pos} with {tokens.shape[1]} tokens: cache holds {self.cached}, "
                              f"max_context {self.max_context}")
-        feeds = {name: value[:, :, :start_pos] for name, value in self.cache.items()}
-        outs = self.session.run(None, {"input_ids": tokens, **feeds})
-        for name, value in zip(self.output_names[1:], outs[1:]):
-            self.cache[name.replace("present_", "past_")] = value
-        return outs[0][0]
+        total = start_pos + tokens.shape[1]
+        self.binding.bind_cpu_input("input_ids", tokens)
+        self.binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
+        logits = np.empty((1, tokens.shape[1], self.vocab_size), np.float32)
+        self.binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(self.binding)
+        self.cached = total
+        return logits[0]
 
 
 class StaticGraphDecoder:
@@ -119,8 +131,8 @@ class StaticGraphDecoder:
         self.first.reset()
         logits = self.first.forward(np.array([token]), 0)
         for layer in range(self.num_layers):
-            self.keys[layer][:, :, :1] = self.first.cache[f"past_key_{layer}"]
-            self.values[layer][:, :, :1] = self.first.cache[f"past_value_{layer}"]
+            self.keys[layer][:, :, :1] = self.first.cache[f"past_key_{layer}"][:, :, :1]
+            self.values[layer][:, :, :1] = self.first.cache[f"past_value_{layer}"][:, :, :1]
         return logits
 
     def _step(self, graph: str, chunk: np.ndarray, pos: int, width: int) -> np.ndarray:
@@ -175,7 +187,10 @@ def qnn_session(model: Path, ep_options: dict[str, str], extra_config: dict[str,
 
 def open_npu(bundle_dir: Path, manifest: dict[str, Any]) -> StaticGraphDecoder:
     npu, cfg = manifest["backend"]["npu"], manifest["model"]["config"]
-    sessions = {g: qnn_session(Path(bundle_dir) / npu[f"{g}_program"], npu["ep_options"]) for g in ("prefill", "decode")}
+    from edgepack.bundle import bundle_file
+
+    sessions = {g: qnn_session(bundle_file(bundle_dir, manifest, npu[f"{g}_program"]), npu["ep_options"])
+                for g in ("prefill", "decode")}
     first = open_cpu(bundle_dir, manifest) if npu.get("first_position") == "cpu" else None
     return StaticGraphDecoder(
         lambda graph, feeds: sessions[graph].run(None, feeds), cfg["num_layers"], cfg["num_kv_heads"],
@@ -185,9 +200,11 @@ def open_npu(bundle_dir: Path, manifest: dict[str, Any]) -> StaticGraphDecoder:
 
 
 def open_cpu(bundle_dir: Path, manifest: dict[str, Any]) -> OrtCpuDecoder:
+    from edgepack.bundle import bundle_file
+
     backend, cfg = manifest["backend"], manifest["model"]["config"]
     return OrtCpuDecoder(
-        Path(bundle_dir) / backend["cpu"]["program"], cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"],
+        bundle_file(bundle_dir, manifest, backend["cpu"]["program"]), cfg["num_layers"], cfg["num_kv_heads"], cfg["head_dim"],
         int(manifest["context_length"]), cfg["vocab_size"], int(backend.get("max_prefill") or 128),
     )
 

@@ -50,9 +50,10 @@ def open_reference(bundle_dir: Path, manifest: dict[str, Any]) -> TorchDecoder:
     weights read back out of a Core ML package (a host check of a bundle that needs macOS/iOS to run)."""
     from safetensors.torch import load_file
 
+    from edgepack.bundle import bundle_file
     from edgepack.model import ModelConfig, build_model
 
-    program = Path(bundle_dir) / manifest["backend"]["program"]
+    program = bundle_file(bundle_dir, manifest, manifest["backend"]["program"])
     config = ModelConfig(**manifest["model"]["config"])
     if program.suffix == ".mlpackage":
         from edgepack.runtime.coreml_backend import weights_from_mlpackage

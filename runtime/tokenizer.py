@@ -8,12 +8,10 @@ same variables), so a prompt tokenizes to the ids the model was trained on.
 from __future__ import annotations
 
 import json
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, UsageError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -60,12 +58,21 @@ class BundleTokenizer:
         _require_file(tokenizer_file)
         config: dict[str, Any] = {}
         if config_file is not None and Path(config_file).is_file():
-            config = json.loads(Path(config_file).read_text(encoding="utf-8"))
+            config = _read_config(Path(config_file))
         template = None
         if chat_template_file is not None:
             _require_file(Path(chat_template_file))
-            template = Path(chat_template_file).read_text(encoding="utf-8")
-        return cls(Tokenizer.from_file(str(tokenizer_file)), config=config, chat_template=template, **ids)
+            template = _read_text(Path(chat_template_file), "chat template")
+        text = _read_text(tokenizer_file, "tokenizer")
+        try:
+            tokenizer = Tokenizer.from_str(text)
+        except Exception as e:  # noqa: BLE001 - the Rust library raises plain Exceptions
+            detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise EdgepackError(
+                f"the tokenizer file {tokenizer_file} is not a Hugging Face tokenizer ({detail})",
+                "re-export the bundle",
+            ) from None
+        return cls(tokenizer, config=config, chat_template=template, **ids)
 
     @classmethod
     def from_bundle(cls, bundle_dir: Path, manifest: Mapping[str, Any]) -> "BundleTokenizer":
@@ -76,10 +83,12 @@ class BundleTokenizer:
             raise EdgepackError("the bundle's manifest names no tokenizer file", "re-export the bundle")
         config_file = info.get("config_file")
         template_file = info.get("chat_template_file")
+        from edgepack.bundle import bundle_file
+
         return cls.from_files(
-            bundle_dir / info["file"],
-            bundle_dir / config_file if config_file else None,
-            bundle_dir / template_file if template_file else None,
+            bundle_file(bundle_dir, manifest, info["file"]),
+            bundle_file(bundle_dir, manifest, config_file) if config_file else None,
+            bundle_file(bundle_dir, manifest, template_file) if template_file else None,
             bos_id=info.get("bos_id"),
             add_bos=bool(info.get("add_bos", False)),
             eos_ids=info.get("eos_ids") or (),
@@ -109,25 +118,21 @@ class BundleTokenizer:
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special)
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The conversation as the prompt text the model expects (its chat template, else a plain fallback)."""
-        if not self.chat_template:
-            return _plain_prompt(messages, add_generation_prompt)
-        import jinja2
+    def render_chat(self, messages: Iterable[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The conversation as the prompt text the model expects (its chat template, else a plain fallback).
 
-        try:
-            return compile_chat_template(self.chat_template).render(
-                messages=[dict(m) for m in messages],
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens(),
-            )
-        except jinja2.TemplateError as e:
-            raise EdgepackError(
-                f"the bundle's chat template rejected the conversation ({e})",
-                "check the message roles and their order (e.g. system first, user and assistant alternating)",
-            ) from None
+        Messages are checked first (a mapping with a string role and string content each), so that the
+        template only ever sees what `transformers` would pass it; the template runs in a bounded sandbox."""
+        checked = check_messages(messages)
+        if not self.chat_template:
+            return _plain_prompt(checked, add_generation_prompt)
+        from edgepack.runtime.chat_template import render
+
+        variables = dict(
+            messages=checked, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+            **self.special_tokens(),
+        )
+        return render(self.chat_template, variables, len(checked), sum(len(m["content"]) for m in checked))
 
     def special_tokens(self) -> dict[str, str]:
         """bos_token, eos_token, ... as strings, as HF passes them to chat templates."""
@@ -180,66 +185,98 @@ class IncrementalDetokenizer:
         return window[len(prefix) :]
 
 
-@lru_cache(maxsize=8)
-def compile_chat_template(template: str) -> Any:
-    """A jinja2 template in the environment `transformers` renders chat templates in.
-
-    Sandboxed because templates come from model repositories (untrusted); trim/lstrip blocks and the
-    `raise_exception`, `strftime_now` globals and `tojson` filter are what templates on the Hub rely on.
-    """
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationTag(Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; render the body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            next(parser.stream)
-            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def strftime_now(fmt: str) -> str:
-        return datetime.now().strftime(fmt)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        # Jinja's own tojson escapes HTML characters, which would change the prompt.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise EdgepackError(f"the bundle's chat template does not parse ({e})", "re-export the bundle") from None
-
-
 def _template_from_config(config: Mapping[str, Any]) -> str | None:
     """tokenizer_config.json's `chat_template`: a string, or a list of named templates (use "default")."""
     template = config.get("chat_template")
     if isinstance(template, list):
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        named = {t.get("name"): t["template"] for t in template
+                 if isinstance(t, dict) and isinstance(t.get("template"), str)}  # fmt: skip
         return named.get("default") or next(iter(named.values()), None)
     return template if isinstance(template, str) else None
 
 
 def _plain_prompt(messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool) -> str:
     """No chat template (a base model): one user message is the prompt as it is, else a role-labelled transcript."""
-    if len(messages) == 1 and messages[0].get("role") == "user":
-        return str(messages[0].get("content", ""))
-    lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    lines = [f"{m['role']}: {m['content']}" for m in messages]
     if add_generation_prompt:
         lines.append("assistant:")
     return "\n".join(lines)
 
 
+_MESSAGE_FIX = 'pass messages like {"role": "user", "content": "Hello"}'
+
+
+def check_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation as plain dicts, or a UsageError naming the first bad message and what is wrong."""
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+        raise UsageError(f"the conversation is {kind_of(messages)}, not a list of messages", _MESSAGE_FIX)
+    checked = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise UsageError(f"message {i} is {kind_of(message)}, not a mapping with a role and content", _MESSAGE_FIX)
+        for key in ("role", "content"):
+            value = message.get(key)
+            if value is None:
+                raise UsageError(f"message {i} has no {key}", _MESSAGE_FIX)
+            if not isinstance(value, str):
+                raise UsageError(f"message {i}'s {key} is {kind_of(value)}, not a string", _MESSAGE_FIX)
+            check_text(value, f"message {i}'s {key}")
+        if not message["role"]:
+            raise UsageError(f"message {i}'s role is empty", 'use a role such as "system", "user" or "assistant"')
+        checked.append(dict(message))
+    if not checked:
+        raise UsageError("the conversation has no messages", _MESSAGE_FIX)
+    return checked
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that cannot be encoded: a lone surrogate, e.g. an invalid UTF-8 byte from the command line
+    (Python decodes argv with surrogateescape), would make the tokenizer fail."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        origin = f", the invalid UTF-8 byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else ""
+        raise UsageError(
+            f"{what} is not valid text: character {e.start} is a lone surrogate (U+{code:04X}{origin})",
+            "pass UTF-8 text",
+        ) from None
+
+
+def kind_of(value: Any) -> str:
+    """'a list', 'an int', 'None': how an error names what was passed instead."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
 def _require_file(path: Path) -> None:
     if not path.is_file():
         raise EdgepackError(f"tokenizer file {path} is missing", "re-export the bundle")
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        problem, fix = f"the {what} file {path} is not UTF-8 text (byte {e.start})", "re-export the bundle"
+    except OSError as e:
+        problem, fix = f"cannot read the {what} file {path} ({e.strerror})", "check the bundle's permissions"
+    raise EdgepackError(problem, fix)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """tokenizer_config.json: a JSON object, or one clear error."""
+    text = _read_text(path, "tokenizer config")
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EdgepackError(f"the tokenizer config {path} is not valid JSON ({e})", "re-export the bundle") from None
+    if not isinstance(config, dict):
+        raise EdgepackError(
+            f"the tokenizer config {path} holds {kind_of(config)}, not a JSON object", "re-export the bundle"
+        )
+    return config

@@ -56,7 +56,7 @@ def _target_names() -> list[str]:
 
 
 def _preset_names() -> list[str]:
-    from edgepack.quantize import PRESETS
+    from edgepack.presets import PRESETS
 
     return list(PRESETS)
 
@@ -71,6 +71,7 @@ def _preset_names() -> list[str]:
 @click.option("--output", "-o", type=click.Path(), help="bundle folder [default: bundles/MODEL-TARGET-QUANT]")
 @click.option("--no-verify", is_flag=True, help="skip the quality gate against the fp32 reference (recorded)")
 @click.option("--keep-failed", is_flag=True, help="keep a bundle that fails the gate, marked failed")
+@click.option("--force", is_flag=True, help="replace an existing bundle at -o (never any other folder)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON instead of a summary")
 @_handle_errors
 def export(
@@ -83,14 +84,17 @@ def export(
     output: str | None,
     no_verify: bool,
     keep_failed: bool,
+    force: bool,
     as_json: bool,
 ) -> None:
     """Build a bundle: load the student, quantize, lower for the target, write, checksum and verify it."""
     from edgepack.export import plan_export, run_export
     from edgepack.verify import VerificationFailed
 
+    _sigterm_as_interrupt()  # a killed export (SIGTERM) cleans up its staging folder like Ctrl-C does
     out = Output(as_json)
-    plan = plan_export(source, target, quant, max_context, output, backend, group_size, not no_verify, keep_failed)
+    plan = plan_export(source, target, quant, max_context, output, backend, group_size, not no_verify, keep_failed,
+                       force=force)
     out.info("exporting " + ", ".join(f"{k}={v}" for k, v in plan.describe().items()))
     if plan.fit is not None:
         out.info(plan.fit.summary())
@@ -110,6 +114,21 @@ def export(
     )
 
 
+def _sigterm_as_interrupt() -> None:
+    """Turn SIGTERM into KeyboardInterrupt, so `finally`/`except` blocks run (the staging folder is removed)
+    and the command exits like on Ctrl-C; a second SIGTERM during that cleanup is ignored."""
+    import signal
+    import threading
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signals can only be handled there
+        previous = signal.signal(signal.SIGTERM, interrupt)
+        click.get_current_context().call_on_close(lambda: signal.signal(signal.SIGTERM, previous))
+
+
 @main.command()
 @click.argument("bundle", type=click.Path())
 @click.argument("prompt")
@@ -126,11 +145,15 @@ def export(
 def run(bundle: str, prompt: str, raw: bool, backend: str | None, as_json: bool, **sampling: Any) -> None:
     """Stream a reply to PROMPT from BUNDLE through its real backend."""
     from edgepack import runtime
+    from edgepack.runtime.session import check_generation_options
+    from edgepack.runtime.tokenizer import check_text
 
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in sampling.items() if v not in (None, ())}
+    check_generation_options(options)  # bad options and prompts fail before the bundle loads
+    check_text(prompt, "the prompt")
     out = Output(as_json)
     with out.quiet_native():
         session = runtime.load(bundle, backend=backend)
-    options = {k: v for k, v in sampling.items() if v not in (None, ())}
     text, thinking = [], []
     with out.quiet_native():
         for chunk in session.generate(prompt, chat=not raw, **options):
@@ -159,21 +182,31 @@ def inspect(bundle: str, as_json: bool) -> None:
     if as_json:
         out.result(manifest, "")
         return
-    out.table(
-        f"{bundle} (checksums ok)",
-        [
-            ("model", f"{manifest['model']['name']} ({manifest['model']['architecture']}, "
-             f"{manifest['model']['parameters'] / 1e6:.0f}M params)"),
-            ("quantization", manifest["quantization"]["name"]),
-            ("backend", f"{manifest['backend']['name']} / {manifest['backend'].get('delegate') or '-'}"),
-            ("target", manifest["target"]),
-            ("context", str(manifest["context_length"])),
-            ("stop ids", str(manifest["tokenizer"]["stop_ids"])),
-            ("created", manifest["created"]),
-            *[(f"file {n}", f"{f['size'] / 1e6:.1f} MB  sha256 {f['sha256'][:16]}…") for n, f in manifest["files"].items()],
-            *[(f"built with {k}", v) for k, v in manifest["toolchain"].items()],
-        ],
-    )
+    model, backend = manifest["model"], manifest["backend"]
+    npu, verification = backend.get("npu") or {}, manifest.get("verification") or {}
+    ep = npu.get("ep_options") or {}
+    rows = [
+        ("model", f"{model['name']} ({model.get('architecture') or model['config']['architecture']}, "
+         f"{(model.get('parameters') or 0) / 1e6:.0f}M params)"),
+        ("quantization", (manifest.get("quantization") or {}).get("name", "-")),
+        ("backend", f"{backend['name']} / {backend.get('delegate') or '-'}"),
+        ("target", manifest.get("target") or "-"),
+        ("context", str(manifest["context_length"])),
+    ]
+    if npu:  # a Snapdragon bundle: which chip its NPU graphs were compiled for, and with what
+        rows += [("NPU SoC", f"{ep.get('soc_model', '-')} (id {npu.get('soc_id', '-')})"),
+                 ("NPU HTP arch", f"v{ep['htp_arch']}" if ep.get("htp_arch") else "-"),
+                 ("NPU QNN SDK", str(npu.get("qnn_sdk") or "-")),
+                 ("NPU context", str(npu["context"]))]
+    rows += [
+        ("verification", verification.get("status", "not recorded")
+         + (f" ({verification['reason']})" if verification.get("reason") else "")),
+        ("stop ids", str(manifest["tokenizer"].get("stop_ids", []))),
+        ("created", manifest.get("created") or "-"),
+        *[(f"file {n}", f"{f['size'] / 1e6:.1f} MB  sha256 {f['sha256'][:16]}…") for n, f in manifest["files"].items()],
+        *[(f"built with {k}", v) for k, v in (manifest.get("toolchain") or {}).items()],
+    ]
+    out.table(f"{bundle} (checksums ok)", rows)
 
 
 @main.command()
@@ -181,15 +214,18 @@ def inspect(bundle: str, as_json: bool) -> None:
 @click.option("--reference", "-r", help="the fp32 model to compare with [default: the one the bundle was exported from]")
 @click.option("--text", type=click.Path(), help="UTF-8 text to evaluate on [default: prose of CPython's reference manual]")
 @click.option("--tokens", type=int, default=1024, show_default=True, help="positions scored under teacher forcing")
+@click.option("--backend", help="score through another backend of the bundle, e.g. onnx/qnn (the NPU graphs)")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
 @_handle_errors
-def verify(bundle: str, reference: str | None, text: str | None, tokens: int, as_json: bool) -> None:
+def verify(bundle: str, reference: str | None, text: str | None, tokens: int, backend: str | None,
+           as_json: bool) -> None:
     """Measure BUNDLE against its fp32 reference on real text; exit 1 if it misses its preset's thresholds."""
     from edgepack.verify import VerificationFailed, verify_bundle
 
     out = Output(as_json)
     with out.quiet_native(), out.steps("verify") as step:
-        report = verify_bundle(bundle, reference=reference, text_file=text, eval_tokens=tokens, step=step).to_dict()
+        report = verify_bundle(bundle, reference=reference, text_file=text, eval_tokens=tokens, step=step,
+                               backend_override=backend).to_dict()
     _show_verification(out, report)
     if report["status"] == "failed":
         raise VerificationFailed(report, fix="do not ship it: re-export, or compare with the right --reference")

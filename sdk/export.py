@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from edgepack.errors import UsageError
-from edgepack.quantize import QuantPreset, get_preset
+from edgepack.presets import QuantPreset, get_preset
 from edgepack.targets import Target, get_target
 
 DEFAULT_PREFILL_CHUNK = 128  # tokens per prefill call; bounds the program's activation memory
@@ -33,6 +33,8 @@ class ExportPlan:
     verify: bool = True  # the quality gate (sdk/verify.py) on the staged bundle
     keep_failed: bool = False  # keep a bundle that fails the gate, marked failed in its manifest
     fit: Any = None  # edgepack.fit.FitReport: memory and size against the target, when the config was readable
+    force: bool = False  # replace an existing bundle at `output` (never any other folder)
+    context_from: str = "--max-context"  # where max_context came from: the option, the target or the model
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -40,7 +42,7 @@ class ExportPlan:
             "target": self.target.name,
             "quantization": self.preset.name,
             "backend": self.backend + (f"/{self.delegate}" if self.delegate else ""),
-            "max_context": self.max_context,
+            "max_context": f"{self.max_context} ({self.context_from})",
             "output": str(self.output),
         }
 
@@ -55,6 +57,7 @@ def plan_export(
     group_size: int | None = None,
     verify: bool = True,
     keep_failed: bool = False,
+    force: bool = False,
 ) -> ExportPlan:
     from edgepack.exporters import known_exporters
 
@@ -76,11 +79,26 @@ def plan_export(
 
     preflight(chosen[0], target, chosen[1], preset)  # e.g. the ONNX/QNN runtime installed, the SoC known
     out = Path(output) if output else Path("bundles") / f"{_slug(source)}-{target.name}-{preset.name}"
+    from edgepack.bundle import check_destination
+
+    check_destination(out, force)  # no data loss, writable: before any model is loaded
     from edgepack.fit import peek_config
 
     config = peek_config(source)  # config.json or the GGUF header: no weights read
+    context_from = "--max-context" if max_context else f"{target.name}'s default"
+    if not max_context and config is not None and config.max_position_embeddings < context:
+        context, context_from = config.max_position_embeddings, "the model's maximum"
+    from edgepack.exporters import context_limit
+
+    limit = context_limit(chosen[0], target, chosen[1])
+    if limit is not None and context > limit:
+        if max_context:
+            raise UsageError(f"--max-context {max_context} exceeds what {'/'.join(filter(None, chosen))} builds "
+                             f"for {target.name} ({limit})", f"use --max-context {limit} or less")
+        context, context_from = limit, f"the {'/'.join(filter(None, chosen))} limit"
     fit = _fit_check(config, target, preset, context, "/".join(filter(None, chosen))) if config else None
-    return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out, verify, keep_failed, fit=fit)
+    return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out, verify, keep_failed, fit=fit,
+                      force=force, context_from=context_from)
 
 
 def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, backend: str) -> Any:
@@ -121,6 +139,11 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
     exporter = get_exporter(plan.backend)
     step("load model")
     student = load_student(plan.source)
+    if plan.context_from != "--max-context" and plan.max_context > student.config.max_position_embeddings:
+        # A Hub id: its maximum is known only now; the target's default is capped at it, as for local models.
+        from dataclasses import replace
+
+        plan = replace(plan, max_context=student.config.max_position_embeddings, context_from="the model's maximum")
     if plan.max_context > student.config.max_position_embeddings:
         raise UsageError(
             f"--max-context {plan.max_context} exceeds what {student.name} was trained for "
@@ -137,8 +160,8 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
         calibration = None if tied_table else _calibration_ids(student)
         model = apply_preset(model, plan.preset, student.int4_blocks, calibration)
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
-    with write_bundle(plan.output) as writer:
-        tokenizer = _write_tokenizer(writer, student)
+    with write_bundle(plan.output, force=plan.force) as writer:
+        tokenizer = _write_tokenizer(writer, student, plan.max_context)
         request = ExportRequest(
             model=model,
             writer=writer,
@@ -188,25 +211,49 @@ def _calibration_ids(student: Any, tokens: int = 1024) -> list[int]:
     return tokenizer.encode(calibration_text(), add_special_tokens=False).ids[:tokens]
 
 
-def _write_tokenizer(writer: Any, student: Any) -> dict[str, Any]:
+def _write_tokenizer(writer: Any, student: Any, context_length: int) -> dict[str, Any]:
+    """tokenizer.json, a standard tokenizer_config.json (chat template inline), chat_template.jinja, and the
+    manifest's tokenizer section, with the chat format as data for apps without Jinja (sdk/chat_format.py)."""
+    import json
+
     from tokenizers import Tokenizer
 
-    for name, data in student.tokenizer_files.items():
-        if name == "tokenizer.json":  # the same tokenizer without pretty-printing: 3.4 MB -> 1.6 MB
-            data = Tokenizer.from_str(data.decode("utf-8")).to_str(pretty=False).encode("utf-8")
-        writer.path(name).write_bytes(data)
-    template_file = None
+    from edgepack.chat_format import derive_chat_format, standard_tokenizer_config
+    from edgepack.runtime.tokenizer import BundleTokenizer
+
+    files = dict(student.tokenizer_files)
+    # The same tokenizer without pretty-printing: 3.4 MB -> 1.6 MB.
+    tokenizer = Tokenizer.from_str(files.pop("tokenizer.json").decode("utf-8"))
+    writer.write_text("tokenizer.json", tokenizer.to_str(pretty=False))
+    source_config = json.loads(files.pop("tokenizer_config.json", b"{}") or b"{}")
+    config = standard_tokenizer_config(
+        source_config if isinstance(source_config, dict) else {},
+        architecture=student.config.architecture, chat_template=student.chat_template,
+        token_text=lambda i: tokenizer.id_to_token(i), bos_id=student.bos_id, eos_ids=student.eos_ids,
+        add_bos=student.add_bos, context_length=context_length,
+    )
+    writer.write_json("tokenizer_config.json", config)
+    for name, data in files.items():  # generation_config.json, ...
+        if name != "chat_template.jinja":
+            writer.path(name).write_bytes(data)
+    template_file, chat_format = None, None
     if student.chat_template:
         template_file = "chat_template.jinja"
         writer.write_text(template_file, student.chat_template)
+        chat_format = derive_chat_format(
+            BundleTokenizer(tokenizer, config=config, chat_template=student.chat_template).render_chat)
     vocab_has_think = student.chat_template is not None and "<think>" in student.chat_template
     return {
         "file": "tokenizer.json",
         "config_file": "tokenizer_config.json",
         "chat_template_file": template_file,
+        "chat_format": chat_format,
         "bos_id": student.bos_id,
         "add_bos": student.add_bos,
         "eos_ids": student.eos_ids,
         "stop_ids": student.eos_ids,
+        # Text of every end token: ExecuTorch's LLM runner passes it to the app's token callback before it
+        # stops, so an app drops these from the stream (`edgepack run` never emits them).
+        "stop_texts": [tokenizer.id_to_token(i) for i in student.eos_ids],
         "think": THINK_TAGS if vocab_has_think else None,
     }

@@ -17,14 +17,13 @@ ExecuTorch/XNNPACK stores it (fp32 group scales; int8 per-channel output layer; 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edgepack.errors import EdgepackError
 from edgepack.model import ModelConfig
-from edgepack.quantize import PRESETS, QuantPreset
+from edgepack.presets import PRESETS, QuantPreset
 from edgepack.targets import Target
 
 MB = 1e6
@@ -303,7 +302,7 @@ def peek_config(source: str | None) -> ModelConfig | None:
         config_file = path / "config.json"
         if not config_file.is_file():
             return None  # load_student gives the precise error
-        return intake._config_from_hf(json.loads(config_file.read_text()), f"config.json in {path}")
+        return intake._config_from_hf(intake._read_json(config_file), f"config.json in {path}")
     if path.is_file() and (path.suffix.lower() == ".gguf" or intake._starts_with_magic(path)):
         reader = intake._open_gguf(path)
         tensors = {t.name: t for t in reader.tensors}

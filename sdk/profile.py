@@ -203,7 +203,7 @@ def profile_bundle(
     from edgepack.bundle import read_manifest
     from edgepack.fit import check_fit, RUNTIME_OVERHEAD, DEFAULT_OVERHEAD, kv_cache_bytes
     from edgepack.model import ModelConfig
-    from edgepack.quantize import QuantPreset
+    from edgepack.presets import QuantPreset
     from edgepack.profile_roofline import host_threads, project
     from edgepack.targets import get_target
 

@@ -88,10 +88,12 @@ def llama_runner_command(serial: str, folder: str, prompt: str, seq_len: int, th
 
 def push_commands(serial: str, bundle: Path, manifest: dict[str, Any], runner: Path) -> tuple[str, list[list[str]]]:
     folder = f"{DEVICE_DIR}/{bundle.resolve().name}"
-    program = bundle / manifest["backend"]["program"]
+    from edgepack.bundle import bundle_file
+
+    program = bundle_file(bundle, manifest, manifest["backend"]["program"])
     cmds = [["adb", "-s", serial, "shell", f"mkdir -p {shlex.quote(folder)}"],
             ["adb", "-s", serial, "push", str(program), f"{folder}/model.pte"],
-            ["adb", "-s", serial, "push", str(bundle / "tokenizer.json"), f"{folder}/tokenizer.json"],
+            ["adb", "-s", serial, "push", str(bundle_file(bundle, manifest, "tokenizer.json")), f"{folder}/tokenizer.json"],
             ["adb", "-s", serial, "push", str(runner), f"{folder}/llama_main"],
             ["adb", "-s", serial, "shell", f"chmod +x {shlex.quote(folder)}/llama_main"]]
     return folder, cmds
@@ -195,7 +197,9 @@ def run_qai_hub(name: str, bundle: Path, manifest: dict[str, Any], lengths: list
                          "export with --target snapdragon-8-elite (or another onnx/qnn target)")
     hub = qai_hub_client()
     device = hub.Device(name)
-    program = bundle / backend["program"]
+    from edgepack.bundle import bundle_file
+
+    program = bundle_file(bundle, manifest, backend["program"])
     job = hub.submit_profile_job(model=str(program), device=device, name=f"edgepack {bundle.name}",
                                  options=f"--max_profiler_iterations {max(runs, 1) * 10}")
     log(f"submitted AI Hub profile job {job.job_id} on {name}; waiting")

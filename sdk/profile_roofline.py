@@ -20,7 +20,7 @@ import numpy as np
 
 from edgepack.fit import kv_cache_bytes, weight_bytes
 from edgepack.model import ModelConfig
-from edgepack.quantize import QuantPreset
+from edgepack.presets import QuantPreset
 from edgepack.targets import Target
 
 ACCELERATOR_DELEGATES = {"qnn", "coreml", "ane", "htp"}  # delegates that run on the NPU, not the CPU cores

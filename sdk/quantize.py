@@ -20,63 +20,7 @@ import torch
 from torch import nn
 
 from edgepack.blocks import BLOCK, Int4Blocks
-from edgepack.errors import UsageError
-
-
-@dataclass(frozen=True)
-class QuantPreset:
-    name: str
-    description: str
-    dtype: str = "float32"  # activations and unquantized weights
-    linear: str | None = None  # recipe for the decoder layers' linears
-    lm_head: str | None = None  # recipe for the output layer (the most sensitive matrix)
-    embedding: str | None = None  # recipe for the token embedding table
-    group_size: int = 0  # linears: 0 = one scale per output channel, else per block of this many inputs
-    embedding_group_size: int = 0
-
-    def with_group_size(self, group_size: int | None) -> "QuantPreset":
-        if group_size is None:
-            return self
-        if group_size < 0 or (group_size and group_size % 2):
-            raise UsageError(f"--group-size {group_size} is invalid", "use 0 (per channel) or an even number like 32")
-        return replace(self, group_size=group_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return getattr(torch, self.dtype)
-
-    @property
-    def quantized(self) -> bool:
-        return bool(self.linear or self.lm_head or self.embedding)
-
-
-PRESETS: dict[str, QuantPreset] = {
-    p.name: p
-    for p in (
-        QuantPreset("fp32", "full precision: the reference, bit-for-bit checks"),
-        QuantPreset("fp16", "half-precision weights and activations", dtype="float16"),
-        QuantPreset(
-            "int8",
-            "int8 weights per channel with int8 dynamic activations; int8 embedding",
-            linear="8da8w",
-            lm_head="8da8w",
-            embedding="8w",
-        ),
-        QuantPreset(
-            "int4",
-            "int4 weights per block of 32 with int8 dynamic activations (GGUF Q4_0/Q4_1 blocks carried over "
-            "exactly); int8 output layer; int4 embedding per 64",
-            linear="8da4w",
-            lm_head="8da8w",
-            embedding="4w",
-            group_size=32,
-            embedding_group_size=64,
-        ),
-    )
-}
+from edgepack.presets import PRESETS, QuantPreset, get_preset  # noqa: F401  (the presets, as data)
 
 
 # How far output-layer smoothing moves activation range into the weights (SmoothQuant's alpha). Measured on
@@ -86,12 +30,6 @@ CALIBRATION_CHUNK = 128
 
 # The small offset matmuls of carried Q4_1 blocks (1/32 of the weights): int8 per output channel.
 OFFSETS_RECIPE = "8da8w"
-
-
-def get_preset(name: str) -> QuantPreset:
-    if name not in PRESETS:
-        raise UsageError(f"unknown quantization preset {name!r}", f"choose one of: {', '.join(PRESETS)}")
-    return PRESETS[name]
 
 
 def _torchao_config(recipe: str, group_size: int) -> Any:

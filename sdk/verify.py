@@ -301,8 +301,10 @@ def verify_bundle(
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     student: "Student | None" = None,
     step: Callable[[str], None] = lambda _msg: None,
+    backend_override: str | None = None,
 ) -> Report:
-    """Measure `bundle` against the fp32 reference; `student` (already loaded, e.g. by the export) saves a reload."""
+    """Measure `bundle` against the fp32 reference; `student` (already loaded, e.g. by the export) saves a reload.
+    `backend_override` scores another runtime backend of the bundle (e.g. "onnx/qnn": the NPU graphs)."""
     from edgepack import runtime
     from edgepack.bundle import read_manifest
     from edgepack.evaltext import fingerprint, load_text
@@ -323,11 +325,11 @@ def verify_bundle(
 
     step("open bundle")
     try:
-        session = runtime.load(bundle)
+        session = runtime.load(bundle, backend=backend_override)
     except EdgepackError as e:  # an environment problem (OS, runtime package); a broken program raises others
         # A bundle whose runtime needs another OS (Core ML) names a host check: its weights read back out of
         # the program, run by the reference model.
-        if not manifest["backend"].get("host_check"):
+        if backend_override or not manifest["backend"].get("host_check"):
             raise BackendUnavailable(
                 f"cannot run the {backend} backend here to verify the bundle ({e.problem})",
                 "run `edgepack verify BUNDLE` where it runs",

@@ -49,6 +49,32 @@ def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
+def write_student_folder(folder, student, cfg: ModelConfig, model: CausalLM):
+    """A Hugging Face checkpoint folder: `model`'s weights with `student`'s tokenizer and chat template."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    skip = "lm_head.weight" if cfg.tie_word_embeddings else None
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != skip}
+    save_file(state, str(folder / "model.safetensors"))
+    arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.architecture]
+    hf = {
+        "architectures": [arch], "model_type": cfg.architecture, "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+    }  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(hf))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (folder / name).write_bytes(student.tokenizer_files[name])
+    (folder / "chat_template.jinja").write_text(student.chat_template)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def default_student():
     """The embedded default model (SmolLM2-135M-Instruct), read from its GGUF once per session."""

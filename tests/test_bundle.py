@@ -10,11 +10,24 @@ from edgepack.bundle import MANIFEST, read_manifest, write_bundle
 from edgepack.errors import EdgepackError
 
 
-def make_bundle(path):
-    with write_bundle(path) as writer:
+TINY_CONFIG = {
+    "architecture": "llama", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
+    "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True, "attention_bias": False, "max_position_embeddings": 512,
+}  # fmt: skip
+
+
+def make_bundle(path, force=False):
+    """A bundle as the reader sees one: every section the runtime reads, files written by hand."""
+    with write_bundle(path, force=force) as writer:
         writer.write_text("model.bin", "weights")
         writer.write_json("tokenizer.json", {"vocab": [1, 2, 3]})
-        return writer.finish({"model": {"name": "x"}, "backend": {"name": "reference"}})
+        return writer.finish({
+            "model": {"name": "x", "config": TINY_CONFIG},
+            "backend": {"name": "reference", "program": "model.bin"},
+            "context_length": 64,
+            "tokenizer": {"file": "tokenizer.json", "eos_ids": [2], "stop_ids": [2]},
+        })  # fmt: skip
 
 
 def test_manifest_lists_every_file_with_size_and_checksum(tmp_path):
@@ -37,7 +50,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path):
 def test_failed_rewrite_keeps_the_previous_bundle(tmp_path):
     make_bundle(tmp_path / "b")
     with pytest.raises(KeyboardInterrupt):
-        with write_bundle(tmp_path / "b") as writer:
+        with write_bundle(tmp_path / "b", force=True) as writer:
             writer.write_text("model.bin", "new")
             raise KeyboardInterrupt
     assert (tmp_path / "b" / "model.bin").read_text() == "weights"

@@ -1,5 +1,7 @@
 """The ExecuTorch exporter on tiny random models: the .pte run by ExecuTorch's runtime must compute what
-the eager model computes, for prefill and for single-token decode on top of the in-program KV cache."""
+the eager model computes, for prefill and for single-token decode on top of the in-program KV cache. The
+program returns the last position's logits (as ExecuTorch's LLM runner expects); every position is scored
+by teacher forcing one token per call (`Session.score`)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from edgepack.exporters.executorch import Metadata, lower_to_pte
 from edgepack.quantize import apply_preset, get_preset
-from edgepack.runtime import TorchDecoder
+from edgepack.runtime import Session, TorchDecoder
 from edgepack.runtime.executorch_backend import ExecuTorchDecoder
 
 from conftest import random_model, run_sequence, tiny_config
@@ -22,8 +24,15 @@ CONTEXT, PREFILL = 64, 16
 def export(model, tmp_path, name: str):
     meta = Metadata(bos_id=1, eos_ids=[2], max_context=CONTEXT, max_prefill=PREFILL, vocab_size=model.config.vocab_size)
     path = tmp_path / f"{name}.pte"
-    path.write_bytes(lower_to_pte(copy.deepcopy(model), meta))
-    return ExecuTorchDecoder(path, CONTEXT, model.config.vocab_size, PREFILL)
+    pte, _operators = lower_to_pte(copy.deepcopy(model), meta)
+    path.write_bytes(pte)
+    return ExecuTorchDecoder(path, CONTEXT, model.config.vocab_size, PREFILL, last_logits_only=True)
+
+
+# The positions `run_sequence` gets logits for from a last-position program: the end of each prefill chunk
+# (tokens 0-4 and 5-11), then every decoded token.
+def last_rows(n: int) -> list[int]:
+    return [4, 11, *range(12, n)]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +44,12 @@ def tokens() -> np.ndarray:
 def test_fp32_program_matches_eager(tmp_path, tokens, architecture):
     model = random_model(tiny_config(architecture), max_context=CONTEXT)
     expected = run_sequence(TorchDecoder(copy.deepcopy(model)), tokens)
-    actual = run_sequence(export(model, tmp_path, architecture), tokens)
-    assert actual.shape == (len(tokens), 320)
-    np.testing.assert_allclose(actual, expected, atol=2e-4, rtol=1e-4)
+    decoder = export(model, tmp_path, architecture)
+    actual = run_sequence(decoder, tokens)
+    assert actual.shape == (len(last_rows(len(tokens))), 320)
+    np.testing.assert_allclose(actual, expected[last_rows(len(tokens))], atol=2e-4, rtol=1e-4)
+    scored = Session(decoder, tokenizer=None).score(tokens)  # teacher forcing: every position
+    np.testing.assert_allclose(scored, expected, atol=2e-4, rtol=1e-4)
 
 
 def test_int4_program_matches_eager_quantized_model(tmp_path, tokens):
@@ -45,6 +57,7 @@ def test_int4_program_matches_eager_quantized_model(tmp_path, tokens):
     model = apply_preset(random_model(tiny_config(), max_context=CONTEXT), get_preset("int4"))
     expected = run_sequence(TorchDecoder(copy.deepcopy(model)), tokens)
     actual = run_sequence(export(model, tmp_path, "int4"), tokens)
+    expected = expected[last_rows(len(tokens))]
     assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
     assert (actual.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
@@ -70,3 +83,5 @@ def test_program_carries_runner_metadata(tmp_path):
     assert {"forward", "get_bos_id", "get_eos_ids", "get_max_context_len", "get_vocab_size"} <= names
     assert program.load_method("get_max_context_len").execute([])[0] == CONTEXT
     assert program.load_method("get_vocab_size").execute([])[0] == 320
+    logits = program.load_method("forward").execute([torch.arange(5)[None], torch.tensor([0])])[0]
+    assert tuple(logits.shape) == (1, 320)  # the last position only: the runner's output buffer is one row

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from edgepack import quantize, verify
 from edgepack.bundle import read_manifest
@@ -29,7 +28,7 @@ from edgepack.verify import (
     verify_bundle,
 )
 
-from conftest import random_model, tiny_config
+from conftest import random_model, tiny_config, write_student_folder
 
 CONTEXT = 256
 
@@ -38,24 +37,8 @@ CONTEXT = 256
 def student_folder(tmp_path_factory, default_student) -> Path:
     """A Hugging Face folder: a tiny random Llama over SmolLM2's vocabulary, tokenizer and chat template."""
     folder = tmp_path_factory.mktemp("verify") / "tiny-student"
-    folder.mkdir()
     cfg = tiny_config(vocab_size=default_student.config.vocab_size, max_position_embeddings=1024)
-    model = random_model(cfg, max_context=CONTEXT)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(folder / "model.safetensors"))
-    hf = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
-        "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": True,
-        "max_position_embeddings": cfg.max_position_embeddings,
-    }  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(hf))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (folder / name).write_bytes(default_student.tokenizer_files[name])
-    (folder / "chat_template.jinja").write_text(default_student.chat_template)
-    return folder
+    return write_student_folder(folder, default_student, cfg, random_model(cfg, max_context=CONTEXT))
 
 
 def export(folder: Path, out: Path, backend: str = "executorch/xnnpack", quant: str = "fp32", **options):
@@ -258,3 +241,13 @@ def test_backend_that_cannot_run_here_is_named(sound_bundle, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendUnavailable, match="npu-of-the-future backend here"):
         verify_bundle(copy, eval_tokens=32)
+
+
+def test_verify_scores_the_backend_asked_for(student_folder, tmp_path):
+    """`edgepack verify --backend` scores another runtime of the bundle; one it lacks is one clear error."""
+    out = tmp_path / "onnx"
+    export(student_folder, out, backend="onnx/cpu", verify=False)
+    report = verify_bundle(out, eval_tokens=64, backend_override="onnx/cpu")
+    assert report.backend == "onnx/cpu" and report.passed
+    with pytest.raises(EdgepackError, match="has no NPU models"):
+        verify_bundle(out, eval_tokens=64, backend_override="onnx/qnn")
