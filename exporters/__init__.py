@@ -38,6 +38,7 @@ class ExportRequest:
     target: "Target | None" = None
     preset: "QuantPreset | None" = None
     int4_blocks: "dict[str, Int4Blocks]" = field(default_factory=dict)
+    model_name: str | None = None  # the Hub id when known, else the student's name (package metadata)
 
 
 Exporter = Callable[[ExportRequest], dict[str, Any]]

@@ -697,7 +697,7 @@ def export_coreml(request: ExportRequest) -> dict[str, Any]:
     quiet_coremltools()
     cfg, ctx = request.model.config, request.max_context
     # The Hub id (or name) of the student when the request carries it; the architecture's name otherwise.
-    name = getattr(request, "model_name", None) or HF_ARCHITECTURES[cfg.architecture]
+    name = request.model_name or HF_ARCHITECTURES[cfg.architecture]
     path = request.writer.path(PROGRAM_FILE)
     info = build_package(
         request.model, path, ctx, request.max_prefill, deployment, request.step, package_metadata(name, cfg, ctx)

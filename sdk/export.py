@@ -174,6 +174,7 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
             target=plan.target,
             preset=plan.preset,
             int4_blocks=student.int4_blocks,
+            model_name=student.name,
         )
         backend_section = exporter(request)
         step("write manifest")

@@ -31,6 +31,12 @@ protocol ChatEngine: AnyObject {
                   onChunks: @escaping ([Chunk]) -> Void) async throws -> ReplyStats
     /// Ends a running `generate` early (from any thread).
     func stop()
+    /// Forgets the conversation (a new chat); the next `generate` starts from an empty cache.
+    func newConversation()
+}
+
+extension ChatEngine {
+    func newConversation() {}
 }
 
 /// A flag set from the UI thread and read by the generation loop.
@@ -42,10 +48,12 @@ final class CancelFlag: @unchecked Sendable {
 }
 
 enum Engines {
-    static func open(_ bundle: EdgepackBundle) async throws -> ChatEngine {
+    /// `neuralEngine`: Core ML bundles run their `prefill`/`decode` functions on the Neural Engine instead of
+    /// `main` (swift-transformers' layout, GPU/CPU); other backends ignore it.
+    static func open(_ bundle: EdgepackBundle, neuralEngine: Bool = false) async throws -> ChatEngine {
         switch bundle.backendName {
         case "coreml":
-            return try await CoreMLEngine(bundle: bundle)
+            return try await CoreMLEngine(bundle: bundle, mode: neuralEngine ? .neuralEngine : .swiftTransformers)
         case "executorch":
             #if canImport(ExecuTorchLLM)
             return try ExecuTorchEngine(bundle: bundle)

@@ -17,6 +17,9 @@ final class ChatModel: ObservableObject {
     @Published var stats = ""
     @Published var generating = false
     @Published private(set) var ready = false
+    /// Core ML: run `prefill`/`decode` on the Neural Engine instead of `main` (swift-transformers' layout).
+    @Published private(set) var neuralEngine = UserDefaults.standard.bool(forKey: ChatModel.neuralEngineKey)
+    nonisolated static let neuralEngineKey = "coreml.neuralEngine"
 
     private var bundle: EdgepackBundle?
     private var chatFormat: ChatFormat?
@@ -60,19 +63,44 @@ final class ChatModel: ObservableObject {
         do {
             let opened = try await Task.detached { try EdgepackBundle.open(folder) }.value
             let format = try opened.chatFormat()  // refuses a template that cannot be applied without Jinja
-            let runtime = try await Engines.open(opened)
+            let runtime = try await Engines.open(opened, neuralEngine: neuralEngine)
             (bundle, chatFormat, engine) = (opened, format, runtime)
             newChat()
-            let model = (opened.manifest["model"] as? [String: Any])?["name"] as? String ?? folder.lastPathComponent
-            let files = (opened.manifest["files"] as? [String: Any])?.count ?? 0
-            status = "\(model) · \(opened.backendName) · context \(opened.contextLength) · \(files) files verified · \(runtime.description)"
+            status = Self.statusLine(opened, runtime)
             ready = true
         } catch {
             status = "error: \((error as? LocalizedError)?.errorDescription ?? String(describing: error))"
         }
     }
 
+    /// The setting changed: the open bundle's runtime is opened again in the new mode (its files were verified).
+    func setNeuralEngine(_ on: Bool) async {
+        guard on != neuralEngine, !generating else { return }
+        neuralEngine = on
+        UserDefaults.standard.set(on, forKey: Self.neuralEngineKey)
+        guard let bundle, bundle.backendName == "coreml" else { return }
+        ready = false
+        engine = nil  // the old models and state go before the new ones load
+        status = "loading \(bundle.folder.lastPathComponent) \(on ? "for the Neural Engine" : "as swift-transformers does")…"
+        do {
+            let runtime = try await Engines.open(bundle, neuralEngine: on)
+            engine = runtime
+            newChat()
+            status = Self.statusLine(bundle, runtime)
+            ready = true
+        } catch {
+            status = "error: \((error as? LocalizedError)?.errorDescription ?? String(describing: error))"
+        }
+    }
+
+    private static func statusLine(_ bundle: EdgepackBundle, _ runtime: ChatEngine) -> String {
+        let model = (bundle.manifest["model"] as? [String: Any])?["name"] as? String ?? bundle.folder.lastPathComponent
+        let files = (bundle.manifest["files"] as? [String: Any])?.count ?? 0
+        return "\(model) · \(bundle.backendName) · context \(bundle.contextLength) · \(files) files verified · \(runtime.description)"
+    }
+
     func newChat() {
+        engine?.newConversation()
         history = []
         turns = []
         thinking = ""

@@ -52,6 +52,13 @@ struct ChatView: View {
                 ToolbarItem(placement: .secondaryAction) {
                     Button("New chat") { model.newChat() }.disabled(model.generating)
                 }
+                ToolbarItem(placement: .secondaryAction) {
+                    Toggle("Core ML on the Neural Engine (prefill/decode)", isOn: Binding(
+                        get: { model.neuralEngine },
+                        set: { on in Task { await model.setNeuralEngine(on) } }
+                    ))
+                    .disabled(model.generating)
+                }
             }
             .fileImporter(isPresented: $picking, allowedContentTypes: [.folder]) { result in
                 if case .success(let url) = result {
