@@ -54,6 +54,9 @@ class OrtCpuDecoder:
         source = program if isinstance(program, bytes) else str(program)
         self._ort = ort
         self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+        if "attention_mask" not in {i.name for i in self.session.get_inputs()}:
+            raise EdgepackError("this ONNX bundle's model predates the shared KV-cache layout (no attention_mask input)",
+                                "re-export the bundle with this edgepack")
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.max_context, self.vocab_size, self.max_prefill_chunk = max_context, vocab_size, max_prefill_chunk
         shape = (1, kv_heads, max_context, head_dim)

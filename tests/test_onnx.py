@@ -228,3 +228,21 @@ def test_model_over_the_npu_budget_is_refused():
     check_npu_budget(cfg, npu_options(snapdragon(npu_max_weights_mb=1)), snapdragon())
     with pytest.raises(EdgepackError, match="more than target 'sd' allows"):
         check_npu_budget(cfg, npu_options(snapdragon(npu_max_weights_mb=0.01)), snapdragon())
+
+
+def test_model_without_attention_mask_is_refused_clearly():
+    """A CPU model from before the shared KV-cache layout (past length read from the cache's shape) is named as
+    such, not failed on inside ONNX Runtime."""
+    from onnx import helper
+
+    model = random_model(tiny_config(), max_context=CONTEXT)
+    proto = build_decoder(model, GraphSpec("fp32"))
+    graph = proto.graph
+    kept = [i for i in graph.input if i.name != "attention_mask"]
+    del graph.input[:]
+    graph.input.extend(kept)
+    graph.node.insert(0, helper.make_node("Constant", [], ["attention_mask"], value=helper.make_tensor(
+        "m", 7, [1, 1], [1])))
+    cfg = model.config
+    with pytest.raises(EdgepackError, match="predates the shared KV-cache layout"):
+        OrtCpuDecoder(proto.SerializeToString(), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, CONTEXT, cfg.vocab_size)
