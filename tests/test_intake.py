@@ -233,12 +233,16 @@ def test_qwen2_gguf_quantized_keeps_rows_and_biases(tmp_path: Path) -> None:
             assert (got - value).abs().max() <= 0.6 * value.abs().max() / 127, key
 
 
-def write_bare_gguf(path: Path, arch: str, **metadata: int | list[int]) -> Path:
-    """A GGUF holding one embedding tensor and the given `{arch}.*` metadata, nothing else."""
+def write_bare_gguf(path: Path, arch: str, **metadata: int | float | str | list[int]) -> Path:
+    """A GGUF holding one embedding tensor and the given `{arch}.*` metadata (each with its own value type)."""
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value in metadata.items():
         if isinstance(value, list):
             writer.add_array(f"{arch}.{key}", value)
+        elif isinstance(value, float):
+            writer.add_float32(f"{arch}.{key}", value)
+        elif isinstance(value, str):
+            writer.add_string(f"{arch}.{key}", value)
         else:
             writer.add_uint32(f"{arch}.{key}", value)
     writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))

@@ -29,7 +29,7 @@ from edgepack.fit import estimate, peek_config
 from edgepack.intake import load_student
 from edgepack.model import ModelConfig
 from edgepack.quantize import get_preset
-from tests.test_intake import SMALL, tiny_state_dict, write_gguf
+from tests.test_intake import SMALL, tiny_state_dict, write_bare_gguf, write_gguf
 
 T = gguf.GGUFValueType
 SIZE = 4 << 20  # the issue's 4 MB hostile file
@@ -185,22 +185,9 @@ def test_the_memory_probe_sees_the_stock_readers_amplification(tmp_path: Path) -
 
 
 def bare_gguf(path: Path, **metadata: Any) -> Path:
-    """One embedding tensor (8 x 4) and the given `llama.*` metadata, each written with its own value type."""
-    writer = gguf.GGUFWriter(str(path), "llama")
-    for key, value in {"embedding_length": 4, "block_count": 2, "feed_forward_length": 8,
-                       "attention.head_count": 2, **metadata}.items():
-        if isinstance(value, float):
-            writer.add_float32(f"llama.{key}", value)
-        elif isinstance(value, str):
-            writer.add_string(f"llama.{key}", value)
-        else:
-            writer.add_uint32(f"llama.{key}", value)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    """One embedding tensor (8 x 4) and the given `llama.*` metadata over a small valid base."""
+    base = {"embedding_length": 4, "block_count": 2, "feed_forward_length": 8, "attention.head_count": 2}
+    return write_bare_gguf(path, "llama", **{**base, **metadata})
 
 
 @pytest.mark.parametrize(
