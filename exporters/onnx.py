@@ -6,7 +6,7 @@ the KV cache of every layer (`past_key_i [1, kv_heads, S, head_dim]`), and retur
 `present_key_i`. GroupQueryAttention reads the cached length from the mask, so the cache can be one
 max-length buffer bound as both past and present (onnxruntime-genai's `past_present_share_buffer`, and what
 edgepack's backend does): the bundle is an onnxruntime-genai model folder (`genai_config.json`). Presets:
-fp32, and int4 as ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1 blocks carried exactly; embedding and
+fp32, and int4 as ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1/Q4_K blocks carried exactly; embedding and
 output layer int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
 
 The int4 model computes at MatMulNBits accuracy level 4 (activations rounded to int8 per block, as

@@ -5,6 +5,9 @@ device stacks a second rounding on the first (measured on SmolLM2-135M: top-1 ag
 dequantized reference drops to ~62%). Both formats map exactly onto symmetric int4 codes with one scale
 per block of 32 inputs, which is what XNNPACK's int4 kernels take, plus, for Q4_1, one float offset per
 block:  Q4_0: w = d * (q - 8)       Q4_1: w = d * q + m = d * (q - 8) + (m + 8 d),  q in [0, 15].
+
+The K-quant Q4_K (the bulk of a Q4_K_M file) is int4 per block of 32 too, inside super-blocks of 256 with 6-bit
+sub-scales: w = (d * sc_j) * q - dmin * m_j, which is again scale * (q - 8) + offset per block of 32, exactly.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 
 BLOCK = 32
 _LAYOUT = {"Q4_0": (18, False), "Q4_1": (20, True)}  # bytes per block, has a min (offset)
+Q4_K_BYTES, Q4_K_ELEMENTS = 144, 256  # per super-block: d, dmin (fp16), 12 bytes of 6-bit scales/mins, 128 of codes
 
 
 @dataclass
@@ -54,11 +58,13 @@ class Int4Blocks:
 
 
 def supports(type_name: str) -> bool:
-    return type_name in _LAYOUT
+    return type_name in _LAYOUT or type_name == "Q4_K"
 
 
 def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Blocks:
     """raw: the tensor's bytes as GGUF stores them (row-major blocks); shape: (rows, cols) in torch order."""
+    if type_name == "Q4_K":
+        return _decode_q4_k(raw, shape)
     size, has_min = _LAYOUT[type_name]
     rows, cols = shape
     blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // BLOCK, size)
@@ -71,3 +77,24 @@ def decode(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> Int4Block
         m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
         offsets = torch.from_numpy(m + 8.0 * d)
     return Int4Blocks(torch.from_numpy(q.reshape(rows, cols)), torch.from_numpy(d), offsets)
+
+
+def _decode_q4_k(raw: np.ndarray, shape: tuple[int, int]) -> Int4Blocks:
+    """Q4_K super-blocks as blocks of 32 (llama.cpp's `dequantize_row_q4_K` layout): sub-block j of 8 has a 6-bit
+    scale sc_j and min m_j; 64 elements share 32 bytes, the low nibbles holding sub-block 2g, the high 2g + 1."""
+    rows, cols = shape
+    sb = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // Q4_K_ELEMENTS, Q4_K_BYTES)
+    d = sb[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    dmin = sb[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    packed = sb[..., 4:16].astype(np.uint16)
+    sc = np.empty(packed.shape[:-1] + (8,), np.float32)
+    mn = np.empty_like(sc)
+    sc[..., :4], mn[..., :4] = packed[..., 0:4] & 63, packed[..., 4:8] & 63
+    sc[..., 4:] = (packed[..., 8:12] & 0x0F) | ((packed[..., 0:4] >> 6) << 4)
+    mn[..., 4:] = (packed[..., 8:12] >> 4) | ((packed[..., 4:8] >> 6) << 4)
+    qs = sb[..., 16:].reshape(rows, cols // Q4_K_ELEMENTS, 4, 32)
+    q = np.stack([qs & 0x0F, qs >> 4], axis=3).reshape(rows, cols)  # sub-blocks in order 0..7
+    scales = (d[..., None] * sc).reshape(rows, cols // BLOCK)
+    offsets = (8.0 * scales - (dmin[..., None] * mn).reshape(rows, cols // BLOCK)).astype(np.float32)
+    codes = (q.astype(np.int8) - 8).reshape(rows, cols)
+    return Int4Blocks(torch.from_numpy(codes), torch.from_numpy(scales.astype(np.float32)), torch.from_numpy(offsets))

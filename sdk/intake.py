@@ -71,7 +71,7 @@ class Student:
     # GGUF sources only: HF tensor name -> GGUF type name ("Q4_1"), so an exporter can reuse the blocks.
     # Mind that the file stores llama q/k rows permuted (see `_unpermute`); `state_dict` has HF's order.
     gguf_tensor_types: dict[str, str] | None = field(default=None, repr=False)
-    # GGUF Q4_0/Q4_1 matrices as exact int4 blocks (rows in HF order), for exporters that can keep them.
+    # GGUF Q4_0/Q4_1/Q4_K matrices as exact int4 blocks (rows in HF order), for exporters that can keep them.
     int4_blocks: dict[str, Int4Blocks] = field(default_factory=dict, repr=False)
 
 

@@ -58,7 +58,7 @@ PRESETS: dict[str, QuantPreset] = {
         ),
         QuantPreset(
             "int4",
-            "int4 weights per block of 32 with int8 dynamic activations (GGUF Q4_0/Q4_1 blocks carried over "
+            "int4 weights per block of 32 with int8 dynamic activations (GGUF Q4_0/Q4_1/Q4_K blocks carried over "
             "exactly); int8 output layer; int4 embedding per 64",
             linear="8da4w",
             lm_head="8da8w",

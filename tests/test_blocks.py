@@ -19,6 +19,25 @@ from conftest import random_model, run_sequence, tiny_config
 from test_executorch_export import CONTEXT, export
 
 
+def test_q4_k_decodes_to_exact_blocks_of_32():
+    """Q4_K super-blocks (256 values, 6-bit sub-scales and mins) are int4 blocks of 32 with an offset, exactly:
+    random super-blocks (any codes, scales and mins llama.cpp can store) decode to what gguf-py dequantizes."""
+    rng = np.random.default_rng(3)
+    rows, cols = 6, 512
+    raw = rng.integers(0, 256, size=(rows, cols // 256, 144), dtype=np.uint8)
+    for at in (0, 2):  # d and dmin: finite fp16 (random bytes could be NaN)
+        raw[..., at : at + 2] = rng.uniform(-0.05, 0.05, size=(rows, cols // 256)).astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    decoded = blocks.decode(raw, "Q4_K", (rows, cols))
+    assert decoded.codes.shape == (rows, cols) and decoded.scales.shape == (rows, cols // 32)
+    assert int(decoded.codes.min()) >= -8 and int(decoded.codes.max()) <= 7
+    expected = dequantize(raw, GGMLQuantizationType.Q4_K)
+    np.testing.assert_allclose(decoded.dequantize().numpy(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+    positive = decoded.with_positive_scales()  # negative d: rewritten exactly, as for Q4_0
+    np.testing.assert_allclose(positive.dequantize().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert blocks.supports("Q4_K") and not blocks.supports("Q6_K")
+
+
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])
 def test_decode_equals_gguf_dequantize(kind):
     weights = np.random.default_rng(1).normal(size=(8, 96)).astype(np.float32)
