@@ -36,12 +36,17 @@ class ExportPlan:
     force: bool = False  # replace an existing bundle at `output` (never any other folder)
     context_from: str = "--max-context"  # where max_context came from: the option, the target or the model
 
+    @property
+    def backend_label(self) -> str:
+        """"name/delegate", as targets and thresholds spell a backend."""
+        return "/".join(filter(None, (self.backend, self.delegate)))
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.source or "default (SmolLM2-135M-Instruct)",
             "target": self.target.name,
             "quantization": self.preset.name,
-            "backend": self.backend + (f"/{self.delegate}" if self.delegate else ""),
+            "backend": self.backend_label,
             "max_context": f"{self.max_context} ({self.context_from})",
             "output": str(self.output),
         }
@@ -90,13 +95,14 @@ def plan_export(
         context, context_from = config.max_position_embeddings, "the model's maximum"
     from edgepack.exporters import context_limit
 
+    label = "/".join(filter(None, chosen))
     limit = context_limit(chosen[0], target, chosen[1])
     if limit is not None and context > limit:
         if max_context:
-            raise UsageError(f"--max-context {max_context} exceeds what {'/'.join(filter(None, chosen))} builds "
-                             f"for {target.name} ({limit})", f"use --max-context {limit} or less")
-        context, context_from = limit, f"the {'/'.join(filter(None, chosen))} limit"
-    fit = _fit_check(config, target, preset, context, "/".join(filter(None, chosen))) if config else None
+            raise UsageError(f"--max-context {max_context} exceeds what {label} builds for {target.name} ({limit})",
+                             f"use --max-context {limit} or less")
+        context, context_from = limit, f"the {label} limit"
+    fit = _fit_check(config, target, preset, context, label) if config else None
     return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out, verify, keep_failed, fit=fit,
                       force=force, context_from=context_from)
 
@@ -152,7 +158,7 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
         )
     if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
         _fit_check(student.config, plan.target, plan.preset, plan.max_context,
-                   "/".join(filter(None, (plan.backend, plan.delegate))))
+                   plan.backend_label)
     model = build_model(student.config, student.state_dict, plan.max_context)
     step(f"quantize ({plan.preset.name})")
     if not exporter_quantizes(plan.backend):
@@ -230,7 +236,7 @@ def _write_tokenizer(writer: Any, student: Any, context_length: int) -> dict[str
     config = standard_tokenizer_config(
         source_config if isinstance(source_config, dict) else {},
         architecture=student.config.architecture, chat_template=student.chat_template,
-        token_text=lambda i: tokenizer.id_to_token(i), bos_id=student.bos_id, eos_ids=student.eos_ids,
+        token_text=tokenizer.id_to_token, bos_id=student.bos_id, eos_ids=student.eos_ids,
         add_bos=student.add_bos, context_length=context_length,
     )
     writer.write_json("tokenizer_config.json", config)
