@@ -50,6 +50,11 @@ ExtraBytes = Callable[["ModelConfig", "Target", "str | None"], float]
 # context_limit(target, delegate): the longest context the exporter can build for this target (e.g. the NPU's
 # static graphs), or None; the plan caps its default context there and refuses a longer --max-context.
 ContextLimit = Callable[["Target", "str | None"], "int | None"]
+# same_weights(preset, int4_blocks) -> prepare: for exporters registered with quantizes=True, the rounding they
+# apply, as a `build_model` prepare step, so the gate can run the project's torch model on the bundle's own
+# quantized weights (lowering fidelity). Others get the preset's torchao quantizer, which is what they lower.
+SameWeights = Callable[["QuantPreset", Any], Callable[[str, Any], None]]
+_SAME_WEIGHTS: dict[str, SameWeights] = {}
 _EXPORTERS: dict[str, Exporter] = {}
 _CONTEXT_LIMIT: dict[str, ContextLimit] = {}
 _PREFLIGHT: dict[str, Preflight] = {}
@@ -61,10 +66,12 @@ _ONE_TIED_TABLE: set[str] = set()
 def register_exporter(
     name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False,
     extra_bundle_bytes: ExtraBytes | None = None, context_limit: ContextLimit | None = None,
+    same_weights: SameWeights | None = None,
 ) -> Callable[[Exporter], Exporter]:
     """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks;
     `one_tied_table`: it stores a tied embedding and output layer as one table, so the output layer must
-    stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes; `context_limit`: see ContextLimit."""
+    stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes; `context_limit`: see ContextLimit;
+    `same_weights`: see SameWeights."""
 
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
@@ -80,6 +87,8 @@ def register_exporter(
             _EXTRA_BYTES[name] = extra_bundle_bytes
         if context_limit:
             _CONTEXT_LIMIT[name] = context_limit
+        if same_weights:
+            _SAME_WEIGHTS[name] = same_weights
         return fn
 
     return wrap
@@ -93,6 +102,11 @@ def exporter_keeps_one_tied_table(name: str) -> bool:
 def exporter_quantizes(name: str) -> bool:
     _import_builtin_exporters()
     return name in _QUANTIZES
+
+
+def same_weights_quantizer(name: str) -> SameWeights | None:
+    _import_builtin_exporters()
+    return _SAME_WEIGHTS.get(name)
 
 
 def preflight(name: str, target: "Target", delegate: str | None, preset: "QuantPreset") -> None:

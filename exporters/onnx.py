@@ -79,8 +79,39 @@ def npu_context(target: Any, delegate: str | None) -> int | None:
     return int(target_options(target)["npu_context"])
 
 
+def onnx_rounding(preset: Any, blocks: Any) -> Any:
+    """What the int4 CPU model stores, as a `build_model` prepare step: each linear as its int4 blocks of 32
+    (the student's GGUF blocks where it has them, else `int4_blocks_from_float`), the embedding and the output
+    layer as int8 blocks of 32; norms and biases in fp32. The gate runs this model against the bundle: what
+    remains is ONNX Runtime's int8 activations (accuracy level 4) and the lowering itself."""
+    import torch
+    from torch import nn
+
+    from edgepack.exporters.onnx_graph import int4_blocks_from_float, int8_blocks
+
+    def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
+        codes, scales = int8_blocks(weight)
+        values = (torch.from_numpy(codes).float() - 128.0) * torch.from_numpy(scales)[..., None]
+        return values.reshape(weight.shape)
+
+    def prepare(prefix: str, piece: nn.Module) -> None:
+        if PRESET_WEIGHTS.get(preset.name) != "int4":
+            return
+        with torch.no_grad():
+            if prefix in ("model.embed_tokens", "lm_head"):
+                piece.weight = nn.Parameter(int8_round_trip(piece.weight.detach()), requires_grad=False)
+                return
+            for name, module in piece.named_modules():
+                if isinstance(module, nn.Linear):
+                    key = f"{prefix}.{name}.weight"
+                    found = blocks[key] if key in blocks else int4_blocks_from_float(module.weight)
+                    module.weight.copy_(found.dequantize())
+
+    return prepare
+
+
 @register_exporter("onnx", quantizes=True, preflight=check_onnx_export, extra_bundle_bytes=npu_bundle_bytes,
-                   context_limit=npu_context)
+                   context_limit=npu_context, same_weights=onnx_rounding)
 def export_onnx(request: ExportRequest) -> dict[str, Any]:
     """Write the CPU model (and for delegate "qnn" the NPU context models); returns the backend section."""
     import onnxruntime

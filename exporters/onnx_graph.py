@@ -13,6 +13,7 @@ exact fp32 math for GGUF Q4_0/Q4_1 blocks (w = scale * code + offset) on ORT's f
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,7 +101,7 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: dict[str, Int4Blocks] | N
     from onnx import TensorProto, helper
 
     cfg = model.config
-    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    state = model.state_dict()  # a lazy mapping for an `UnbuiltModel`: each tensor is read when used
     blocks = blocks or {}
     g = GraphBuilder()
     H, D, Hn, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
@@ -155,33 +156,34 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: dict[str, Int4Blocks] | N
     return helper.make_model(graph, opset_imports=opsets, producer_name="edgepack", ir_version=10)
 
 
-def _embedding(g: GraphBuilder, state: dict, cfg: Any, spec: GraphSpec, ids: str) -> str:
-    table = state["model.embed_tokens.weight"]
+def _embedding(g: GraphBuilder, state: Mapping, cfg: Any, spec: GraphSpec, ids: str) -> str:
     if spec.weights == "fp32":
-        return g.op("Gather", [g.init("embed_tokens", table.numpy()), ids], "embed")
-    codes, scales = _int8_table(g, table, "embed_tokens")
+        return g.op("Gather", [g.init("embed_tokens", state["model.embed_tokens.weight"].numpy()), ids], "embed")
+    codes, scales = _int8_table(g, "embed_tokens", lambda: state["model.embed_tokens.weight"])
     rows = g.op("Cast", [g.op("Gather", [codes, ids], "emb_codes")], "emb_f", to=1)  # [T, H/32, 32]
     rows = g.op("Sub", [rows, g.const(128.0, np.float32)], "emb_c")
     row_scales = g.op("Unsqueeze", [g.op("Gather", [scales, ids], "emb_s"), g.const([-1])], "emb_s")
     return g.op("Reshape", [g.op("Mul", [rows, row_scales], "emb"), g.const([-1, cfg.hidden_size])], "embed")
 
 
-def _int8_table(g: GraphBuilder, table: torch.Tensor, name: str) -> tuple[str, str]:
+def _int8_table(g: GraphBuilder, name: str, read: Callable[[], torch.Tensor]) -> tuple[str, str]:
+    """The int8 block-32 table `name`, written once (`read` is called only the first time: a tied table is
+    both the embedding and the output layer)."""
     key = ("int8", name)
     if key not in g._consts:
-        codes, scales = int8_blocks(table)
+        codes, scales = int8_blocks(read())
         g._consts[key] = (g.init(f"{name}.codes", codes), g.init(f"{name}.scales", scales))  # type: ignore[assignment]
     return g._consts[key]  # type: ignore[return-value]
 
 
-def _lm_head(g: GraphBuilder, h: str, state: dict, cfg: Any, spec: GraphSpec) -> str:
+def _lm_head(g: GraphBuilder, h: str, state: Mapping, cfg: Any, spec: GraphSpec) -> str:
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in state
-    weight = state["model.embed_tokens.weight"] if tied else state["lm_head.weight"]
+    name = "model.embed_tokens.weight" if tied else "lm_head.weight"
     if spec.weights == "fp32":
         if tied and spec.static_seq is None:  # the gather table is the output layer too: Gemm reads it transposed
             return g.op("Gemm", [h, "embed_tokens"], "logits2d", transB=1)
-        return g.op("MatMul", [h, g.init("lm_head.weight_t", weight.t().contiguous().numpy())], "logits2d")
-    codes, scales = _int8_table(g, weight, "embed_tokens" if tied else "lm_head")
+        return g.op("MatMul", [h, g.init("lm_head.weight_t", state[name].t().contiguous().numpy())], "logits2d")
+    codes, scales = _int8_table(g, "embed_tokens" if tied else "lm_head", lambda: state[name])
     return g.op(
         "MatMulNBits", [h, codes, scales], "logits2d", domain=MS_DOMAIN,
         K=cfg.hidden_size, N=cfg.vocab_size, bits=8, block_size=BLOCK, accuracy_level=spec.accuracy_level,
@@ -195,16 +197,18 @@ def _rms_norm(g: GraphBuilder, x: str, weight: torch.Tensor, eps: float) -> str:
     return g.op("RMSNormalization", [x, g.init(g.name("norm_w"), weight.numpy())], "norm", axis=-1, epsilon=eps)
 
 
-def _linear(g: GraphBuilder, x: str, state: dict, blocks: dict, spec: GraphSpec, names: list[str]) -> list[str]:
+def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSpec, names: list[str]) -> list[str]:
     """One matmul for several linears that read the same input (q/k/v, gate/up), split afterwards."""
-    widths = [state[n + ".weight"].shape[0] for n in names]
     tag = names[0].split(".")[-1] if len(names) == 1 else "_".join(n.split(".")[-1].split("_")[0] for n in names)
     base = f"{names[0].rsplit('.', 1)[0]}.{tag}"
     if spec.weights == "fp32":
-        weight = torch.cat([state[n + ".weight"] for n in names]).t().contiguous()
-        y = g.op("MatMul", [x, g.init(base + ".weight_t", weight.numpy())], tag)
+        weights = [state[n + ".weight"].float() for n in names]
+        widths = [w.shape[0] for w in weights]
+        y = g.op("MatMul", [x, g.init(base + ".weight_t", torch.cat(weights).t().contiguous().numpy())], tag)
     else:
-        y = _int4_linear(g, x, [_blocks_of(n, state, blocks) for n in names], base, spec)
+        parts = [_blocks_of(n, state, blocks) for n in names]
+        widths = [p.codes.shape[0] for p in parts]
+        y = _int4_linear(g, x, parts, base, spec)
     biases = [state.get(n + ".bias") for n in names]
     if any(b is not None for b in biases):
         y = g.op("Add", [y, g.init(base + ".bias", torch.cat(biases).numpy())], tag + "_b")
@@ -213,7 +217,7 @@ def _linear(g: GraphBuilder, x: str, state: dict, blocks: dict, spec: GraphSpec,
     return g.op("Split", [y, g.const(widths)], tag, outputs=len(names), axis=-1)
 
 
-def _blocks_of(name: str, state: dict, blocks: dict) -> Int4Blocks:
+def _blocks_of(name: str, state: Mapping, blocks: dict) -> Int4Blocks:
     found = blocks.get(name + ".weight")
     return found if found is not None else int4_blocks_from_float(state[name + ".weight"])
 
@@ -263,7 +267,7 @@ def _rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])], "roped")
 
 
-def _attention(g: GraphBuilder, h: str, state: dict, blocks: dict, spec: GraphSpec, cfg: Any, i: int,
+def _attention(g: GraphBuilder, h: str, state: Mapping, blocks: dict, spec: GraphSpec, cfg: Any, i: int,
                positions: tuple[str, ...]) -> str:
     """`positions`: what _gqa_positions returns (CPU graph), or (cos, sin, mask) graph inputs (NPU graphs)."""
     p = f"model.layers.{i}.self_attn."

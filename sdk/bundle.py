@@ -194,10 +194,34 @@ def write_bundle(destination: str | Path, force: bool = False) -> Iterator[Bundl
             raise RuntimeError("bundle closed without a manifest")
         _move_into_place(staging, destination)
     except BaseException as e:
+        if getattr(e, "keep_staged", False) and (staging / MANIFEST).exists():
+            _keep_failed(staging, destination, e)
+            raise
         shutil.rmtree(staging, ignore_errors=True)
         if _out_of_space(e):
             raise _write_error(e, destination) from None
         raise
+
+
+FAILED_SUFFIX = ".failed"
+
+
+def _keep_failed(staging: Path, destination: Path, error: Any) -> None:
+    """A finished bundle that failed its quality gate goes to DESTINATION.failed (replacing an earlier failed
+    bundle there, never any other folder), so a retry or a decision to ship it anyway costs no new export."""
+    kept = destination.with_name(destination.name + FAILED_SUFFIX)
+    try:
+        if kept.is_symlink() or (kept.exists() and not is_bundle(kept)):
+            raise FileExistsError(kept)
+        if kept.exists():
+            shutil.rmtree(kept)
+        _normal_modes(staging)
+        os.rename(staging, kept)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    if hasattr(error, "kept"):
+        error.kept(kept)
 
 
 def _make_staging(destination: Path) -> Path:

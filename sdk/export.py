@@ -6,6 +6,7 @@ model is loaded, so bad input fails in milliseconds, not after minutes of loweri
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,10 +136,10 @@ def _slug(source: str | None) -> str:
 def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
     """Build the bundle the plan describes; returns its manifest."""
     from edgepack.bundle import write_bundle
-    from edgepack.exporters import ExportRequest, exporter_keeps_one_tied_table, exporter_quantizes, get_exporter
+    from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
     from edgepack.intake import load_student
-    from edgepack.model import build_model
-    from edgepack.quantize import apply_preset
+    from edgepack.model import UnbuiltModel
+    from edgepack.quantize import build_quantized
     from edgepack.verify import VerificationFailed, gate_export
 
     started = time.perf_counter()
@@ -159,12 +160,11 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
     if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
         _fit_check(student.config, plan.target, plan.preset, plan.max_context,
                    plan.backend_label)
-    model = build_model(student.config, student.state_dict, plan.max_context)
-    step(f"quantize ({plan.preset.name})")
-    if not exporter_quantizes(plan.backend):
-        tied_table = student.config.tie_word_embeddings and exporter_keeps_one_tied_table(plan.backend)
-        calibration = None if tied_table else _calibration_ids(student)
-        model = apply_preset(model, plan.preset, student.int4_blocks, calibration)
+    if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
+        model = UnbuiltModel(student.config, student.state_dict, plan.max_context)
+    else:
+        step(f"quantize ({plan.preset.name})" if plan.preset.quantized else "build model")
+        model = build_quantized(student, plan.preset, plan.backend, plan.max_context)
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
     with write_bundle(plan.output, force=plan.force) as writer:
         tokenizer = _write_tokenizer(writer, student, plan.max_context)
@@ -183,6 +183,8 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
             model_name=student.name,
         )
         backend_section = exporter(request)
+        del request, model  # the gate below loads the fp32 reference: never both in memory
+        gc.collect()
         step("write manifest")
         manifest = writer.finish(
             {
@@ -206,16 +208,6 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
     if manifest["verification"]["status"] == "failed":
         raise VerificationFailed(manifest["verification"], kept=plan.output)
     return manifest
-
-
-def _calibration_ids(student: Any, tokens: int = 1024) -> list[int]:
-    """Token ids of held-out real text (never the evaluation text) for the quantizer's calibration."""
-    from tokenizers import Tokenizer
-
-    from edgepack.evaltext import calibration_text
-
-    tokenizer = Tokenizer.from_str(student.tokenizer_files["tokenizer.json"].decode("utf-8"))
-    return tokenizer.encode(calibration_text(), add_special_tokens=False).ids[:tokens]
 
 
 def _write_tokenizer(writer: Any, student: Any, context_length: int) -> dict[str, Any]:

@@ -293,6 +293,7 @@ def peek_config(source: str | None) -> ModelConfig | None:
     """The config of what `--model` names, from config.json or a GGUF header; None for a Hub id not yet
     downloaded (the check then runs after download, before the model is built)."""
     from edgepack import intake
+    from edgepack.intake import common, gguf_file
 
     if source is None:
         path = intake.default_model_path()
@@ -302,9 +303,9 @@ def peek_config(source: str | None) -> ModelConfig | None:
         config_file = path / "config.json"
         if not config_file.is_file():
             return None  # load_student gives the precise error
-        return intake._config_from_hf(intake._read_json(config_file), f"config.json in {path}")
-    if path.is_file() and (path.suffix.lower() == ".gguf" or intake._starts_with_magic(path)):
-        reader = intake._open_gguf(path)
+        return common.config_from_hf(common.read_json(config_file), f"config.json in {path}")
+    if path.is_file() and (path.suffix.lower() == ".gguf" or common.starts_with_magic(path)):
+        reader = gguf_file.open_gguf(path)
         tensors = {t.name: t for t in reader.tensors}
-        return intake._gguf_config(intake._Metadata(reader, path), tensors, path)
+        return gguf_file.gguf_config(gguf_file.Metadata(reader, path), tensors, path)
     return None

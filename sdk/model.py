@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -361,14 +362,18 @@ class CausalLM(nn.Module):
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= self.max_context)
-        # RoPE angles computed per call in fp32, as transformers does: 32 floats instead of two tables.
-        angles = (torch.arange(seq, dtype=torch.float32) + start)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
-        cos, sin = angles.cos().to(self.rope_dtype()), angles.sin().to(self.rope_dtype())
+        cos, sin = self.rope(seq, start)
         x = self.model.embed_tokens(tokens)
         for layer in self.model.layers:
             x = layer(x, cos, sin, start)
         return self.model.norm(x)
+
+    def rope(self, seq: int, start: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, head_dim] of positions start..start+T-1, computed per call in fp32 as transformers does
+        (32 floats instead of two tables)."""
+        angles = (torch.arange(seq, dtype=torch.float32) + start)[:, None] * self.inv_freq[None, :]
+        angles = torch.cat([angles, angles], dim=-1)
+        return angles.cos().to(self.rope_dtype()), angles.sin().to(self.rope_dtype())
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # `.to(float16)` must not round the RoPE frequencies: positions in the thousands would drift.
@@ -384,6 +389,30 @@ class CausalLM(nn.Module):
             if isinstance(module, KVCache):
                 module.k.zero_()
                 module.v.zero_()
+
+
+@torch.no_grad()
+def stream_hidden_states(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """The float model's final-norm outputs [1, T, hidden] for `ids` [T], one piece in memory at a time: each
+    piece is read, run over all T tokens and dropped. Statistics of a model that is never built whole
+    (calibration of a 1.5B student without its 6.2 GB float32 copy)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_context=len(ids))
+    model.inv_freq = rope_frequencies(cfg)
+    x = ids[None, :]
+    for prefix, piece in model_pieces(model):
+        if prefix == "lm_head":
+            break
+        piece.to_empty(device="cpu")
+        piece.load_state_dict({n: state_dict[f"{prefix}.{n}"] for n in piece.state_dict().keys()}, strict=True)
+        if isinstance(piece, DecoderLayer):
+            piece.self_attn.kv_cache.k.zero_()
+            piece.self_attn.kv_cache.v.zero_()
+            x = piece(x, *model.rope(len(ids), 0), 0)
+        else:
+            x = piece(x)
+        piece.to_empty(device="meta")
+    return x
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
@@ -413,29 +442,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+@dataclass
+class UnbuiltModel:
+    """A model's config and its lazily read weights, for exporters that write their own graph from the weights
+    (ONNX) instead of running the module: `state_dict()` as on a `CausalLM`, and no module is ever built."""
+
+    config: ModelConfig
+    weights: Mapping[str, torch.Tensor]
+    max_context: int
+
+    def state_dict(self) -> Mapping[str, torch.Tensor]:
+        return self.weights
+
+
+# prepare(name, piece): called on each piece of a model being built, right after its weights are read (e.g. to
+# quantize it), so a model built from a lazy state dict never holds more than one piece in float32.
+Prepare = Callable[[str, nn.Module], None]
+
+
+def model_pieces(model: "CausalLM") -> list[tuple[str, nn.Module]]:
+    """The units a model is built and quantized in, by Hugging Face prefix, in forward order."""
+    layers = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    return [("model.embed_tokens", model.model.embed_tokens), *layers, ("model.norm", model.model.norm),
+            ("lm_head", model.lm_head)]
+
+
 def build_model(
     cfg: ModelConfig,
-    state_dict: dict[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
     max_context: int,
     dtype: torch.dtype = torch.float32,
+    prepare: Prepare | None = None,
 ) -> CausalLM:
-    """Build the module and load a Hugging Face-named state dict into it, strictly."""
+    """Build the module from a Hugging Face-named state dict, strictly (every name, no other).
+
+    Piece by piece (`model_pieces`): each piece's tensors are read, cast to `dtype` and handed to `prepare`
+    before the next piece is read. With the intake's lazy state dict and a quantizing `prepare`, the float
+    model is never whole in memory: a 1.5B student in float32 would be 6.2 GB."""
     with torch.device("meta"):
         model = CausalLM(cfg, max_context, dtype)
-    model = model.to_empty(device="cpu")
-    model.inv_freq.copy_(rope_frequencies(cfg))
-    state = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = set(model.state_dict().keys()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    given = {k for k in state_dict.keys() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
-    if missing or unexpected:
+        given.discard("lm_head.weight")
+    if expected != given:
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
         raise EdgepackError(
             f"checkpoint does not match the {cfg.architecture} layout "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
             "pass an unmodified Llama or Qwen2 checkpoint",
         )
-    if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = rope_frequencies(cfg)
+    for prefix, piece in model_pieces(model):
+        tied_head = prefix == "lm_head" and cfg.tie_word_embeddings
+        if tied_head and prepare is None:
+            model.lm_head.weight = model.model.embed_tokens.weight  # one table
+        else:  # a tied output layer that `prepare` may quantize is read as a table of its own
+            piece.to_empty(device="cpu")
+            source = "model.embed_tokens" if tied_head else prefix
+            own = {name: state_dict[f"{source}.{name}"] for name in piece.state_dict().keys()}
+            piece.load_state_dict({k: v.to(dtype) for k, v in own.items()}, strict=True)
+            del own
+            piece.to(dtype)  # the KV cache buffers too
+        if prepare is not None:
+            prepare(prefix, piece)
     model.reset_cache()
-    return model.to(dtype).eval()
+    return model.eval()

@@ -13,6 +13,7 @@ linears always use a dynamic-activation recipe here.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -87,15 +88,8 @@ class BlockOffsetLinear(nn.Module):
         return self.main(x) + self.offsets(sums)
 
 
-def smooth_output_layer(model: nn.Module, calibration_ids: list[int], alpha: float = SMOOTHING_ALPHA) -> None:
-    """Move the output layer's activation outliers into its weights before int8 activation quantization.
-
-    The final norm's output has a few channels ~20x larger than the rest (55 vs 3 on SmolLM2), so a
-    per-token int8 scale wastes most of its levels on them. Dividing channel j by s_j and multiplying
-    weight column j by s_j leaves the float math unchanged; the division is folded into the final norm's
-    weight (kept in float), so it costs nothing at run time (SmoothQuant, Xiao et al. 2023).
-    Calibrate on text other than the evaluation text.
-    """
+def output_absmax(model: nn.Module, calibration_ids: list[int]) -> torch.Tensor:
+    """Per-channel max |x| of what the output layer reads, over real text, from a built float model."""
     seen: list[torch.Tensor] = []
     hook = model.lm_head.register_forward_hook(
         lambda _m, inputs, _out: seen.append(inputs[0].detach().abs().reshape(-1, inputs[0].shape[-1]).amax(0))
@@ -108,80 +102,161 @@ def smooth_output_layer(model: nn.Module, calibration_ids: list[int], alpha: flo
     finally:
         hook.remove()
         model.reset_cache()
-    x_max = torch.stack(seen).amax(0).clamp(min=1e-5)
+    return torch.stack(seen).amax(0)
+
+
+def smoothing_scale(x_max: torch.Tensor, head_weight: torch.Tensor, alpha: float = SMOOTHING_ALPHA) -> torch.Tensor:
+    """SmoothQuant's per-channel factor s_j: the output layer's input channel j is divided by s_j (folded into
+    the final norm) and its weight column j multiplied by s_j."""
+    w_max = head_weight.detach().float().abs().amax(0).clamp(min=1e-5)
+    return (x_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-2)
+
+
+def smooth_output_layer(model: nn.Module, calibration_ids: list[int], alpha: float = SMOOTHING_ALPHA) -> None:
+    """Move the output layer's activation outliers into its weights before int8 activation quantization.
+
+    The final norm's output has a few channels ~20x larger than the rest (55 vs 3 on SmolLM2), so a
+    per-token int8 scale wastes most of its levels on them. Dividing channel j by s_j and multiplying
+    weight column j by s_j leaves the float math unchanged; the division is folded into the final norm's
+    weight (kept in float), so it costs nothing at run time (SmoothQuant, Xiao et al. 2023).
+    Calibrate on text other than the evaluation text.
+    """
+    scale = smoothing_scale(output_absmax(model, calibration_ids), model.lm_head.weight, alpha)
     head = model.lm_head
     head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # untie from the table
-    w_max = head.weight.abs().amax(0).clamp(min=1e-5)
-    scale = (x_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-2)
     with torch.no_grad():
         model.model.norm.weight.div_(scale)
         head.weight.mul_(scale)
 
 
+def streamed_smoothing_scale(config: Any, state_dict: Mapping[str, torch.Tensor], calibration_ids: list[int],
+                             max_context: int) -> torch.Tensor:
+    """`smoothing_scale` of a model that is not built: the calibration pass runs one piece at a time."""
+    from edgepack.model import stream_hidden_states
+
+    ids = torch.tensor(calibration_ids[:max_context], dtype=torch.long)
+    x_max = stream_hidden_states(config, state_dict, ids).abs().reshape(-1, config.hidden_size).amax(0)
+    tied = config.tie_word_embeddings or "lm_head.weight" not in state_dict
+    return smoothing_scale(x_max, state_dict["model.embed_tokens.weight" if tied else "lm_head.weight"])
+
+
 def apply_preset(
     model: nn.Module,
     preset: QuantPreset,
-    blocks: dict[str, Int4Blocks] | None = None,
+    blocks: Mapping[str, Int4Blocks] | None = None,
     calibration_ids: list[int] | None = None,
 ) -> nn.Module:
-    """Quantize in place by the preset's recipe for each part.
+    """Quantize a built model in place by the preset's recipe for each part (see `piece_quantizer`).
 
     `calibration_ids`: tokens of real text; with them an output layer that gets dynamic int8 activations
-    is smoothed first (see `smooth_output_layer`).
-
-    `blocks`: int4 blocks the student already has (GGUF Q4_0/Q4_1), by weight name; an int4 linear with
-    group size 32 takes them as they are instead of rounding its float weights again. A tied embedding is
-    untied first: table and output layer follow different recipes, so they become two tensors on device.
-    """
-    from torchao.quantization.quant_api import quantize_
+    is smoothed first (see `smooth_output_layer`)."""
+    from edgepack.model import model_pieces
 
     model = model.to(preset.torch_dtype)
     if not preset.quantized:
         return model
-    blocks = blocks or {}
-    head = model.lm_head
-    head.weight = nn.Parameter(head.weight.detach().clone())
+    scale = None
     if calibration_ids and (preset.lm_head or "").startswith("8da"):
-        smooth_output_layer(model, calibration_ids)
-    group = preset.group_size
-    with torch.no_grad():
-        if preset.linear:
-            carried = _carry_blocks(model, blocks) if preset.linear == "8da4w" and group == BLOCK else set()
-            fits = lambda m, fqn: (  # noqa: E731
-                isinstance(m, nn.Linear)
-                and fqn != "lm_head"
-                and fqn not in carried
-                and not _inside(fqn, carried)
-                and (not group or m.in_features % group == 0)
-            )
-            quantize_(model, _torchao_config(preset.linear, group), filter_fn=fits)
-            is_offsets = lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".offsets")  # noqa: E731
-            quantize_(model, _torchao_config(OFFSETS_RECIPE, 0), filter_fn=is_offsets)
-        if preset.lm_head:
-            quantize_(model, _torchao_config(preset.lm_head, 0), filter_fn=lambda m, fqn: fqn == "lm_head")
-        if preset.embedding:
-            is_embedding = lambda m, _fqn: isinstance(m, nn.Embedding)  # noqa: E731
-            quantize_(model, _torchao_config(preset.embedding, preset.embedding_group_size), filter_fn=is_embedding)
+        scale = smoothing_scale(output_absmax(model, calibration_ids), model.lm_head.weight)
+    prepare = piece_quantizer(preset, blocks, scale)
+    for prefix, piece in model_pieces(model):
+        prepare(prefix, piece)
     return model
 
 
-def _carry_blocks(model: nn.Module, blocks: dict[str, Int4Blocks]) -> set[str]:
-    """Swap in the student's own int4 blocks where it has them; returns the module names swapped."""
+def piece_quantizer(
+    preset: QuantPreset, blocks: Mapping[str, Int4Blocks] | None = None, output_scale: torch.Tensor | None = None
+) -> Callable[[str, nn.Module], None]:
+    """The preset as `build_model`'s `prepare` step: each piece is quantized as soon as it is read.
+
+    `blocks`: int4 blocks the student already has (GGUF Q4_0/Q4_1/Q4_K), by weight name; an int4 linear with
+    group size 32 takes them as they are instead of rounding its float weights again. `output_scale`: the
+    output layer's smoothing (`smoothing_scale`), folded into the final norm. A tied output layer is untied
+    first: table and output layer follow different recipes, so they become two tensors on device."""
+    from torchao.quantization.quant_api import quantize_
+
+    blocks = blocks or {}
+    group = preset.group_size
+
+    def prepare(prefix: str, piece: nn.Module) -> None:
+        with torch.no_grad():
+            if prefix == "model.norm" and output_scale is not None:
+                piece.weight.div_(output_scale)
+            elif prefix == "lm_head":
+                piece.weight = nn.Parameter(piece.weight.detach().clone(), requires_grad=False)
+                if output_scale is not None:
+                    piece.weight.mul_(output_scale)
+                if preset.lm_head:
+                    quantize_(piece, _torchao_config(preset.lm_head, 0), filter_fn=lambda m, _fqn: m is piece)
+            elif prefix == "model.embed_tokens":
+                if preset.embedding:
+                    quantize_(piece, _torchao_config(preset.embedding, preset.embedding_group_size),
+                              filter_fn=lambda m, _fqn: m is piece)
+            elif preset.linear:
+                carried = _carry_blocks(piece, prefix, blocks) if preset.linear == "8da4w" and group == BLOCK else set()
+                fits = lambda m, fqn: (  # noqa: E731
+                    isinstance(m, nn.Linear)
+                    and fqn not in carried
+                    and not _inside(fqn, carried)
+                    and (not group or m.in_features % group == 0)
+                )
+                quantize_(piece, _torchao_config(preset.linear, group), filter_fn=fits)
+                is_offsets = lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".offsets")  # noqa: E731
+                quantize_(piece, _torchao_config(OFFSETS_RECIPE, 0), filter_fn=is_offsets)
+
+    return prepare
+
+
+def _carry_blocks(piece: nn.Module, prefix: str, blocks: Mapping[str, Int4Blocks]) -> set[str]:
+    """Swap in the student's own int4 blocks where it has them; returns the (piece-relative) names swapped."""
     carried: set[str] = set()
-    for name, module in list(model.named_modules()):
-        found = blocks.get(f"{name}.weight")
-        if not isinstance(module, nn.Linear) or found is None or name == "lm_head":
+    for name, module in list(piece.named_modules()):
+        key = f"{prefix}.{name}.weight"
+        if not isinstance(module, nn.Linear) or key not in blocks:
             continue
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        found = found.with_positive_scales()
+        found = blocks[key].with_positive_scales()
         if found.offsets is None:
             module.weight = int4_weight(found)
         else:
-            setattr(parent, attr, BlockOffsetLinear(module, found))
+            parent_name, _, attr = name.rpartition(".")
+            setattr(piece.get_submodule(parent_name), attr, BlockOffsetLinear(module, found))
         carried.add(name)
     return carried
 
 
 def _inside(fqn: str, parents: set[str]) -> bool:
     return any(fqn.startswith(p + ".") for p in parents)
+
+
+def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context: int) -> nn.Module:
+    """The student's module with the preset applied as exporter `backend` lowers it, quantized piece by piece as
+    it is read (`build_model`'s `prepare`): a 1.5B int4 export never holds the 6.2 GB float32 model. Exporters
+    that quantize themselves (registered `quantizes=True`) give their own rounding (`same_weights`)."""
+    from edgepack.exporters import exporter_keeps_one_tied_table, exporter_quantizes, same_weights_quantizer
+    from edgepack.model import build_model
+
+    config = student.config
+    prepare = None
+    if preset.quantized and exporter_quantizes(backend):
+        rounding = same_weights_quantizer(backend)
+        prepare = rounding(preset, student.int4_blocks) if rounding else None
+    elif preset.quantized:
+        tied_table = config.tie_word_embeddings and exporter_keeps_one_tied_table(backend)
+        scale = None
+        if not tied_table and (preset.lm_head or "").startswith("8da"):
+            scale = streamed_smoothing_scale(config, student.state_dict, calibration_ids(student), max_context)
+        prepare = piece_quantizer(preset, student.int4_blocks, scale)
+    dtype = torch.float32 if exporter_quantizes(backend) else preset.torch_dtype
+    return build_model(config, student.state_dict, max_context, dtype=dtype, prepare=prepare)
+
+
+def calibration_ids(student: Any, tokens: int = 1024) -> list[int]:
+    """Token ids of held-out real text (never the evaluation text) for the quantizer's calibration."""
+    from tokenizers import Tokenizer
+
+    from edgepack.evaltext import calibration_text
+
+    tokenizer = Tokenizer.from_str(student.tokenizer_files["tokenizer.json"].decode("utf-8"))
+    return tokenizer.encode(calibration_text(), add_special_tokens=False).ids[:tokens]
+
+

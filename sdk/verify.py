@@ -14,6 +14,7 @@ run eagerly through the same `Session` API as the bundle.
 
 from __future__ import annotations
 
+import gc
 import tempfile
 import time
 import tomllib
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from edgepack.runtime import Session
 
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
+FAILED_SUFFIX = ".failed"  # a bundle that failed the gate is kept at OUTPUT.failed
 DEFAULT_EVAL_TOKENS = 1024  # positions scored; enough for 3-digit top-1 precision, seconds on 2 cores
 GREEDY_TOKENS = 32
 CHAT_PROMPTS: tuple[tuple[dict[str, str], ...], ...] = (
@@ -169,6 +171,15 @@ def thresholds_for(
     return Thresholds(**{k: float(entry[k]) for k in ("min_top1", "max_kl", "max_ppl_ratio")})
 
 
+def fidelity_thresholds(backend: str, delegate: str | None = None,
+                        table: Mapping[str, Any] | None = None) -> Thresholds | None:
+    """How close a bundle must be to the project's torch model running its own quantized weights, on this
+    backend (`[fidelity."name/delegate"]`); None where no figure was measured (then fidelity is reported only)."""
+    table = (load_thresholds() if table is None else table).get("fidelity", {})
+    entry = table.get(f"{backend}/{delegate}" if delegate else backend) or table.get(backend)
+    return Thresholds(**{k: float(entry[k]) for k in ("min_top1", "max_kl", "max_ppl_ratio")}) if entry else None
+
+
 # --- the report ------------------------------------------------------------------------------------------
 
 
@@ -184,8 +195,12 @@ class Report:
     agreement: Agreement
     greedy: list[dict[str, Any]]
     tokenizer: dict[str, Any]
-    failures: list[str]
+    failures: list[str]  # every failed check: fidelity (the lowering), the preset's floor, the tokenizer
     seconds: float = 0.0
+    # The bundle against the torch model running the same quantized weights (None for unquantized presets).
+    fidelity: Agreement | None = None
+    fidelity_thresholds: Thresholds | None = None
+    broken: bool = False  # a fidelity failure: the lowering, not the quantization, lost the accuracy
 
     @property
     def passed(self) -> bool:
@@ -207,6 +222,12 @@ class Report:
                 "prompts": self.greedy,
             },
             "tokenizer": self.tokenizer,
+            "fidelity": None if self.fidelity is None else {
+                "reference": "the same quantized weights in edgepack's torch model",
+                "teacher_forcing": self.fidelity.to_dict(),
+                "thresholds": asdict(self.fidelity_thresholds) if self.fidelity_thresholds else None,
+            },
+            "broken": self.broken,
             "failures": self.failures,
             "seconds": round(self.seconds, 1),
         }
@@ -220,20 +241,51 @@ class Report:
 
 
 class VerificationFailed(EdgepackError):
-    """The bundle is not close enough to its reference; carries the report so the CLI can show the figures."""
+    """The bundle is not close enough to its reference; carries the report so the CLI can show the figures.
+
+    Two different failures, said differently: a *broken lowering* (the bundle disagrees with the torch model
+    running its own quantized weights) and *quantization loss* beyond the preset's floor (the bundle computes
+    what its weights say; the weights lose too much on this model). `kept_at` is set where the staged bundle
+    was kept (bundle.write_bundle), so a retry need not export again."""
+
+    keep_staged = True  # write_bundle keeps the finished, failed bundle beside the destination
 
     def __init__(self, report: Mapping[str, Any], kept: Path | None = None, fix: str | None = None) -> None:
         self.report = dict(report)
-        problem = (
-            f"the bundle failed verification against its fp32 reference ({report['preset']} on "
-            f"{report['backend']}): " + "; ".join(report["failures"])
-        )
-        fix = fix or (
-            f"it was kept at {kept} and marked failed in its manifest"
-            if kept
-            else "no bundle was written: the export is broken (--keep-failed keeps it for inspection)"
-        )
-        super().__init__(problem, fix)
+        self.kept_at = kept
+        self._fix = fix
+        broken = bool(report.get("broken"))
+        if not broken:
+            what = f"{report['preset']} quantization loses more on this model than the preset's floor allows"
+        elif report.get("fidelity"):
+            what = "the lowering is broken: the bundle disagrees with edgepack's torch model on the same quantized weights"
+        else:
+            what = "the lowering is broken: an unquantized bundle should compute what its fp32 reference computes"
+        problem = f"the bundle failed verification ({report['preset']} on {report['backend']}; {what}): " + "; ".join(report["failures"])
+        super().__init__(problem, self._advice())
+
+    def _advice(self) -> str:
+        if self._fix:
+            return self._fix
+        where = self.kept_at
+        if self.report.get("broken"):
+            kept = f"kept for inspection at {where}" if where else "no bundle was written (--keep-failed keeps it)"
+            return f"report it with the bundle's manifest: {kept}"
+        if where and where.name.endswith(FAILED_SUFFIX):
+            keep = (f"it is kept at {where}, marked failed: `edgepack verify {where}` re-measures it and "
+                    f"`mv {where} {where.with_name(where.name.removesuffix(FAILED_SUFFIX))}` ships it as it is, "
+                    "without exporting again")
+        elif where:
+            keep = f"it was kept at {where} and marked failed in its manifest"
+        else:
+            keep = "--keep-failed keeps the bundle"
+        return f"try -q int8 or a smaller --group-size for more accuracy; {keep}"
+
+    def kept(self, where: Path) -> None:
+        """Say where the staged bundle went (called by write_bundle)."""
+        self.kept_at = where
+        self.fix = self._advice()
+        self.args = (self.one_line(),)
 
 
 class BackendUnavailable(EdgepackError):
@@ -249,7 +301,7 @@ def gate_export(
     step: Callable[[str], None] = lambda _msg: None,
 ) -> dict[str, Any]:
     """The export's last step, on the staged bundle before it is moved into place: verify it and record the
-    result in its manifest. A failure raises (the staging folder is then discarded) unless `keep_failed`."""
+    result in its manifest. A failure raises unless `keep_failed` (the bundle then goes to OUTPUT.failed)."""
     from edgepack.bundle import MANIFEST
 
     if enabled:
@@ -258,12 +310,12 @@ def gate_export(
             section = verify_bundle(writer.dir, student=student).to_dict()
         except BackendUnavailable as e:  # recorded, not hidden: `edgepack verify` it where it runs
             section = {"status": "not_run", "reason": e.one_line()}
-        if section["status"] == "failed" and not keep_failed:
-            raise VerificationFailed(section)
     else:
         section = {"status": "skipped", "reason": "--no-verify"}
     manifest = {**manifest, "verification": section}
     writer.write_json(MANIFEST, manifest)  # the checksum list covers the other files, not the manifest
+    if section["status"] == "failed" and not keep_failed:
+        raise VerificationFailed(section)  # the finished bundle is kept at OUTPUT.failed (bundle.write_bundle)
     return manifest
 
 
@@ -280,6 +332,16 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("mean KL", f"{tf['mean_kl']:.4f}  (max {th['max_kl']:g}) {ok(tf['mean_kl'] <= th['max_kl'])}"),
         ("perplexity", f"{tf['perplexity_candidate']:.3f} vs {tf['perplexity_reference']:.3f}, ratio "
          f"{tf['perplexity_ratio']:.3f}  (max {th['max_ppl_ratio']:g}) {ok(tf['perplexity_ratio'] <= th['max_ppl_ratio'])}"),
+    ]
+    fid = report.get("fidelity")
+    if fid:
+        f, fth = fid["teacher_forcing"], fid["thresholds"]
+        limit = (f"  (min {fth['min_top1']:.1%}, KL max {fth['max_kl']:g}) "
+                 f"{ok(f['top1_agreement'] >= fth['min_top1'] and f['mean_kl'] <= fth['max_kl'])}" if fth else
+                 "  (reported: no measured threshold for this backend)")
+        rows.append(("fidelity", f"top-1 {f['top1_agreement']:.1%}, KL {f['mean_kl']:.4f} vs the same quantized "
+                     f"weights in torch{limit}"))
+    rows += [
         ("greedy", f"{greedy['matched']}/{greedy['compared']} tokens match the reference "
          f"({len(greedy['prompts'])} chat prompts; informative)"),
         ("tokenizer", "  ".join(f"{k.replace('_', ' ')} {ok(v)}" for k, v in tok.items() if isinstance(v, bool))),
@@ -352,11 +414,24 @@ def verify_bundle(
         )
 
     step(f"teacher forcing ({eval_tokens} tokens)")
-    agreement = teacher_forcing(ref, session, ids, window=min(session.max_context, ref.max_context))
+    window = min(session.max_context, ref.max_context)
+    agreement = teacher_forcing(ref, session, ids, window=window)
     step("greedy continuations")
     greedy = [compare_greedy(ref, session, messages) for messages in CHAT_PROMPTS]
+    del ref  # the fp32 model: never in memory together with the quantized one
+    gc.collect()
 
-    failures = thresholds.failures(agreement)
+    fidelity, fidelity_limits, fidelity_failures = None, None, []
+    same = _same_weights_session(student, manifest)
+    unquantized = same is None
+    if same is not None:
+        step(f"fidelity: the same quantized weights in edgepack's torch model ({eval_tokens} tokens)")
+        fidelity = teacher_forcing(same, session, ids, window=window)
+        same = None
+        fidelity_limits = fidelity_thresholds(*ran.split("/", 1))
+        fidelity_failures = [f"fidelity {f}" for f in fidelity_limits.failures(fidelity)] if fidelity_limits else []
+
+    failures = fidelity_failures + thresholds.failures(agreement)
     failures += [f"tokenizer: {k.replace('_', ' ')} differs from the reference" for k, v in tokenizer.items() if v is False]
     return Report(
         preset=preset,
@@ -369,6 +444,10 @@ def verify_bundle(
         tokenizer=tokenizer,
         failures=failures,
         seconds=time.perf_counter() - started,
+        fidelity=fidelity,
+        fidelity_thresholds=fidelity_limits,
+        # unquantized: the bundle should compute the reference's math, so any miss is the lowering's
+        broken=bool(fidelity_failures) or (unquantized and bool(thresholds.failures(agreement))),
     )
 
 
@@ -451,7 +530,22 @@ def _check_same_model(student: "Student", manifest: Mapping[str, Any]) -> None:
         )
 
 
-def _reference_session(student: "Student", manifest: Mapping[str, Any]) -> "Session":
+def _same_weights_session(student: "Student", manifest: Mapping[str, Any]) -> "Session | None":
+    """The project's torch model on the bundle's own quantized weights (as the export built them), or None for an
+    unquantized bundle (its reference is the fp32 one)."""
+    from edgepack.presets import get_preset
+    from edgepack.quantize import build_quantized
+
+    quant = manifest["quantization"]
+    preset = get_preset(quant["name"]).with_group_size(quant.get("group_size"))
+    if not preset.quantized:
+        return None
+    model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
+    return _reference_session(student, manifest, model)
+
+
+def _reference_session(student: "Student", manifest: Mapping[str, Any], model: Any = None) -> "Session":
+    """A Session over `model` (default: the student's fp32 model) with the student's own tokenizer."""
     from edgepack.model import build_model
     from edgepack.runtime import BundleTokenizer, Session, TorchDecoder
 
@@ -468,7 +562,8 @@ def _reference_session(student: "Student", manifest: Mapping[str, Any]) -> "Sess
             stop_ids=student.eos_ids,
         )
     tokenizer.chat_template = student.chat_template or tokenizer.chat_template
-    model = build_model(student.config, student.state_dict, max_context=int(manifest["context_length"]))
+    if model is None:
+        model = build_model(student.config, student.state_dict, max_context=int(manifest["context_length"]))
     prefill = manifest["backend"].get("max_prefill") or 128
     return Session(TorchDecoder(model, max_prefill_chunk=prefill), tokenizer, {"tokenizer": manifest.get("tokenizer")})
 

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig
 
 from edgepack import intake
+from edgepack.intake import common, gguf_file
 from edgepack.errors import EdgepackError
 from edgepack.fit import estimate, peek_config
 from edgepack.intake import load_student
@@ -263,9 +264,9 @@ def test_gguf_tokenizer_metadata_is_validated(tmp_path: Path, write: Any, expect
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    reader = intake._open_gguf(path)
+    reader = gguf_file.open_gguf(path)
     with pytest.raises(EdgepackError) as caught:
-        intake._gguf_tokenizer(path, intake._Metadata(reader, path))
+        gguf_file.gguf_tokenizer(path, gguf_file.Metadata(reader, path))
     assert str(caught.value) == f"GGUF file {path}{expected}"
 
 
@@ -398,7 +399,7 @@ def test_fuzz_random_bytes_after_the_gguf_header(
 def test_fuzz_mutated_and_truncated_gguf(tiny_gguf: Path, data: st.DataObject) -> None:
     """Bytes of a valid GGUF overwritten (mostly in its header, metadata and tensor table) and/or cut short."""
     original = tiny_gguf.read_bytes()
-    metadata_end = intake._open_gguf(tiny_gguf).data_offset
+    metadata_end = gguf_file.open_gguf(tiny_gguf).data_offset
     mutated = bytearray(original)
     edits = data.draw(st.lists(st.tuples(st.integers(0, metadata_end - 1), st.binary(min_size=1, max_size=8)),
                                max_size=6))
@@ -432,7 +433,7 @@ def test_fuzz_config_json(changes: dict[str, Any], removed: set[str]) -> None:
     An accepted config gives sane fit figures (every part of the estimate positive)."""
     config = {k: v for k, v in {**BASE, **changes}.items() if k not in removed}
     try:
-        cfg = intake._config_from_hf(config, "config.json")
+        cfg = common.config_from_hf(config, "config.json")
     except EdgepackError as err:
         assert "\n" not in str(err)
         return

@@ -35,11 +35,12 @@ LENGTHS = [16, 48]
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer, exported by `edgepack export` (reference backend)."""
     from edgepack import intake
+    from edgepack.intake import gguf_file
     from edgepack.export import plan_export, run_export
 
     gguf = intake.default_model_path()
-    reader = intake._open_gguf(gguf)
-    tokenizer = intake._gguf_tokenizer(gguf, intake._Metadata(reader, gguf))
+    reader = gguf_file.open_gguf(gguf)
+    tokenizer = gguf_file.gguf_tokenizer(gguf, gguf_file.Metadata(reader, gguf))
     folder = tmp_path_factory.mktemp("tiny_hf")
     cfg = tiny_config(vocab_size=49152)
     model = random_model(cfg, max_context=256)

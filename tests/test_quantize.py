@@ -40,3 +40,15 @@ def test_smoothing_helps_int8_activations_on_an_outlier_channel():
     plain = logits(apply_preset(copy.deepcopy(model), get_preset("int8")), tokens)
     smoothed = logits(apply_preset(copy.deepcopy(model), get_preset("int8"), calibration_ids=tokens.tolist()), tokens)
     assert np.abs(smoothed - reference).mean() < np.abs(plain - reference).mean()
+
+
+def test_streamed_smoothing_equals_the_built_models():
+    """The calibration pass run one piece at a time (no float model built) gives the built model's scale."""
+    from edgepack.quantize import output_absmax, smoothing_scale, streamed_smoothing_scale
+
+    cfg = tiny_config()
+    model = random_model(cfg, max_context=64)
+    ids = torch.randint(0, cfg.vocab_size, (48,), generator=torch.Generator().manual_seed(3)).tolist()
+    built = smoothing_scale(output_absmax(model, ids), model.lm_head.weight)
+    streamed = streamed_smoothing_scale(cfg, model.state_dict(), ids, max_context=64)
+    torch.testing.assert_close(streamed, built, rtol=1e-4, atol=1e-6)

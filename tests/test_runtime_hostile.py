@@ -38,9 +38,10 @@ PROMPTS = ["Hello there", "What is 2+2?", "Name a colour.", "Tell me a joke abou
 def smol_tokenizer() -> Any:
     """The default model's tokenizer files (tokenizer.json, tokenizer_config.json, chat_template.jinja)."""
     from edgepack import intake
+    from edgepack.intake import gguf_file
 
     gguf = intake.default_model_path()
-    return intake._gguf_tokenizer(gguf, intake._Metadata(intake._open_gguf(gguf), gguf))
+    return gguf_file.gguf_tokenizer(gguf, gguf_file.Metadata(gguf_file.open_gguf(gguf), gguf))
 
 
 @pytest.fixture(scope="module")

