@@ -17,7 +17,9 @@ from edgepack.errors import EdgepackError
 from edgepack.model import CausalLM
 
 if TYPE_CHECKING:
-    from edgepack.blocks import Int4Blocks
+    from collections.abc import Mapping
+
+    from edgepack.blocks import CarriedBlocks
     from edgepack.model import ModelConfig
     from edgepack.presets import QuantPreset
     from edgepack.targets import Target
@@ -34,10 +36,10 @@ class ExportRequest:
     eos_ids: list[int]
     step: Callable[[str], None] = field(default=lambda _msg: None)  # progress: names the stage starting
     # For exporters registered with quantizes=True: `model` is then unquantized and they apply `preset`
-    # themselves (e.g. ONNX writes MatMulNBits from `int4_blocks`, the student's GGUF blocks, directly).
+    # themselves (e.g. ONNX writes MatMulNBits from `gguf_blocks`, the student's GGUF blocks, directly).
     target: "Target | None" = None
     preset: "QuantPreset | None" = None
-    int4_blocks: "dict[str, Int4Blocks]" = field(default_factory=dict)
+    gguf_blocks: "Mapping[str, CarriedBlocks]" = field(default_factory=dict)
     model_name: str | None = None  # the Hub id when known, else the student's name (package metadata)
 
 
@@ -50,7 +52,7 @@ ExtraBytes = Callable[["ModelConfig", "Target", "str | None"], float]
 # context_limit(target, delegate): the longest context the exporter can build for this target (e.g. the NPU's
 # static graphs), or None; the plan caps its default context there and refuses a longer --max-context.
 ContextLimit = Callable[["Target", "str | None"], "int | None"]
-# same_weights(preset, int4_blocks) -> prepare: for exporters registered with quantizes=True, the rounding they
+# same_weights(preset, gguf_blocks) -> prepare: for exporters registered with quantizes=True, the rounding they
 # apply, as a `build_model` prepare step, so the gate can run the project's torch model on the bundle's own
 # quantized weights (lowering fidelity). Others get the preset's torchao quantizer, which is what they lower.
 SameWeights = Callable[["QuantPreset", Any], Callable[[str, Any], None]]

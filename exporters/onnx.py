@@ -6,8 +6,9 @@ the KV cache of every layer (`past_key_i [1, kv_heads, S, head_dim]`), and retur
 `present_key_i`. GroupQueryAttention reads the cached length from the mask, so the cache can be one
 max-length buffer bound as both past and present (onnxruntime-genai's `past_present_share_buffer`, and what
 edgepack's backend does): the bundle is an onnxruntime-genai model folder (`genai_config.json`). Presets:
-fp32, and int4 as ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1/Q4_K blocks carried exactly; embedding and
-output layer int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
+fp32, and int4 as ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1/Q4_K blocks carried exactly, and a GGUF's
+5- to 8-bit tensors, Q5_0/Q5_1/Q5_K/Q6_K/Q8_0, as exact 8-bit MatMulNBits blocks: a "Q4_K_M" file keeps its mix;
+embedding and output layer int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
 
 The int4 model computes at MatMulNBits accuracy level 4 (activations rounded to int8 per block, as
 llama.cpp's Q4 x Q8 dot products and onnxruntime-genai's CPU builds do): the fp32 path (level 0) is exact
@@ -146,17 +147,22 @@ def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
     from edgepack.exporters.onnx_graph import GraphSpec, build_decoder
 
     request.step(f"write ONNX graph ({weights})")
-    blocks = request.int4_blocks if weights == "int4" else {}
+    blocks = request.gguf_blocks if weights == "int4" else {}
     level = INT8_ACTIVATIONS if weights == "int4" else 0
     proto = build_decoder(request.model, GraphSpec(weights, accuracy_level=level), blocks)
     save_model(proto, request.writer.path(CPU_PROGRAM))
-    carried = sorted(k for k in blocks if not k.startswith("lm_head"))
+    from edgepack.blocks import Int4Blocks
+
+    layers = [k for k in blocks if k.startswith("model.layers.")]
+    int4 = sum(isinstance(blocks[k], Int4Blocks) for k in layers)
     return {
         "program": CPU_PROGRAM,
         "weights": weights,
         "int4_block": 32 if weights == "int4" else None,
         "accuracy_level": level,
-        "gguf_blocks_carried": len(carried),
+        # GGUF blocks kept exactly: 4-bit types as int4 MatMulNBits, 5- to 8-bit ones (Q5_0, Q6_K, Q8_0...) as 8-bit
+        "gguf_blocks_carried": len(layers),
+        "gguf_blocks_carried_8bit": len(layers) - int4,
         "inputs": "input_ids[1,T] int64, attention_mask[1,P+T] int64 (ones), past_key_i/past_value_i"
                   "[1,kv_heads,S,head_dim] (S = P, or one max-length buffer shared with present_*)",
         "outputs": "logits[1,T,vocab], present_key_i/present_value_i[1,kv_heads,max(S,P+T),head_dim]",

@@ -8,7 +8,8 @@ RoPE rotate-half, GQA).
 
 Activations are 2-D `[T, hidden]` inside (batch is always 1); the KV cache is `[1, kv_heads, S, head_dim]`.
 Int4 linears: y = MatMulNBits(x, codes + 8, scales) [+ blocksum(x) @ offsets^T for asymmetric blocks]:
-exact fp32 math for GGUF Q4_0/Q4_1 blocks (w = scale * code + offset) on ORT's fast packed kernel.
+exact fp32 math for GGUF Q4_0/Q4_1/Q4_K blocks (w = scale * code + offset) on ORT's fast packed kernel. GGUF's
+5- to 8-bit types (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) are carried the same way as 8-bit MatMulNBits blocks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgepack.blocks import BLOCK, Int4Blocks
+from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, Int8Blocks
 
 OPSET = 23  # RMSNormalization (opset 23): one fused norm op, which QNN maps to its RmsNorm
 MS_DOMAIN = "com.microsoft"
@@ -208,7 +209,7 @@ def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSp
     else:
         parts = [_blocks_of(n, state, blocks) for n in names]
         widths = [p.codes.shape[0] for p in parts]
-        y = _int4_linear(g, x, parts, base, spec)
+        y = _blocks_linear(g, x, parts, base, spec)
     biases = [state.get(n + ".bias") for n in names]
     if any(b is not None for b in biases):
         y = g.op("Add", [y, g.init(base + ".bias", torch.cat(biases).numpy())], tag + "_b")
@@ -217,29 +218,39 @@ def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSp
     return g.op("Split", [y, g.const(widths)], tag, outputs=len(names), axis=-1)
 
 
-def _blocks_of(name: str, state: Mapping, blocks: dict) -> Int4Blocks:
+def _blocks_of(name: str, state: Mapping, blocks: Mapping) -> CarriedBlocks:
     found = blocks.get(name + ".weight")
     return found if found is not None else int4_blocks_from_float(state[name + ".weight"])
 
 
-def _int4_linear(g: GraphBuilder, x: str, parts: list[Int4Blocks], base: str, spec: GraphSpec) -> str:
+def _blocks_linear(g: GraphBuilder, x: str, parts: list[CarriedBlocks], base: str, spec: GraphSpec) -> str:
+    """One MatMulNBits over the parts stacked by rows: 4-bit when every part is (Int4Blocks), else 8-bit in the
+    smallest block any part uses (Int8Blocks.of: int4 codes and blocks of 32 are exact in that form too)."""
+    if all(isinstance(p, Int4Blocks) for p in parts):
+        bits, block, shift = 4, BLOCK, 8
+    else:
+        block = min(p.block if isinstance(p, Int8Blocks) else BLOCK for p in parts)
+        parts = [Int8Blocks.of(p, block) for p in parts]
+        bits, shift = 8, 128
     codes = torch.cat([p.codes for p in parts]).numpy()
     scales = torch.cat([p.scales for p in parts]).numpy().astype(np.float32)
     rows, cols = codes.shape
-    q = (codes.astype(np.int16) + 8).astype(np.uint8).reshape(rows, cols // BLOCK, BLOCK // 2, 2)
-    packed = q[..., 0] | (q[..., 1] << 4)  # element 2j in the low nibble of byte j, 2j + 1 in the high one
+    q = (codes.astype(np.int16) + shift).astype(np.uint8).reshape(rows, cols // block, block)
+    if bits == 4:  # element 2j in the low nibble of byte j, 2j + 1 in the high one
+        q = q.reshape(rows, cols // block, block // 2, 2)
+        q = q[..., 0] | (q[..., 1] << 4)
     y = g.op(
-        "MatMulNBits", [x, g.init(base + ".qweight", packed), g.init(base + ".scales", scales)], "q4",
-        domain=MS_DOMAIN, K=cols, N=rows, bits=4, block_size=BLOCK, accuracy_level=spec.accuracy_level,
+        "MatMulNBits", [x, g.init(base + ".qweight", q), g.init(base + ".scales", scales)], f"q{bits}",
+        domain=MS_DOMAIN, K=cols, N=rows, bits=bits, block_size=block, accuracy_level=spec.accuracy_level,
     )
     if all(p.offsets is None for p in parts):
         return y
     offsets = torch.cat([p.offsets if p.offsets is not None else torch.zeros_like(p.scales) for p in parts])
     # sum(x over block b) * offset[n, b]: the asymmetric part of every block, in one small fp32 matmul.
-    sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const([-1, cols // BLOCK, BLOCK])], "xb"), g.const([-1])],
+    sums = g.op("ReduceSum", [g.op("Reshape", [x, g.const([-1, cols // block, block])], "xb"), g.const([-1])],
                 "xsum", keepdims=0)
-    shift = g.op("MatMul", [sums, g.init(base + ".offsets_t", offsets.t().contiguous().numpy())], "shift")
-    return g.op("Add", [y, shift], "q4o")
+    shift_out = g.op("MatMul", [sums, g.init(base + ".offsets_t", offsets.t().contiguous().numpy())], "shift")
+    return g.op("Add", [y, shift_out], f"q{bits}o")
 
 
 def _gqa_positions(g: GraphBuilder, cfg: Any, max_context: int) -> tuple[str, ...]:

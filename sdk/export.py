@@ -110,11 +110,12 @@ def plan_export(
 
 def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, backend: str) -> Any:
     """Refuse, before any long work, a model that would not fit the target's memory or bundle budget
-    (`backend`: "name/delegate")."""
-    from edgepack.fit import check_fit
+    (`backend`: "name/delegate"), or whose export this machine cannot hold."""
+    from edgepack.fit import check_export_memory, check_fit
 
     report = check_fit(config, preset, target, context, backend)
     report.raise_if_not_fits()
+    check_export_memory(config)
     return report
 
 
@@ -179,7 +180,7 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
             step=step,
             target=plan.target,
             preset=plan.preset,
-            int4_blocks=student.int4_blocks,
+            gguf_blocks=student.gguf_blocks,
             model_name=student.name,
         )
         backend_section = exporter(request)

@@ -286,6 +286,42 @@ def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_contex
     return out
 
 
+# --- the export's own memory, on this machine -----------------------------------------------------------------
+
+GATE_TOKENS = 1024  # positions the quality gate scores (sdk/verify.py DEFAULT_EVAL_TOKENS)
+GATE_LOGIT_COPIES = 5  # vocabulary-wide buffers of the gate at once, fitted to the measurements below
+EXPORT_BASE = 0.5 * GB  # Python, torch, tokenizers, a runtime
+
+
+def export_peak_bytes(cfg: ModelConfig) -> float:
+    """Peak resident memory of `edgepack export` itself (not of the device): weights stream in piece by piece,
+    so the peak is the quality gate's, i.e. one float32 copy of the model (its reference) plus the logits it
+    compares (reference and bundle, [tokens, vocab] each, and their log-softmax blocks).
+
+    Empirical (ONNX int4, issue #11, this 2-core machine): SmolLM2-135M 2.36 GB, Qwen2.5-Coder-0.5B 7.7 GB,
+    R1-Distill-Qwen-1.5B's shape 12.0 GB measured; this formula gives 3.0, 8.7 and 13.8 GB (it errs high)."""
+    logits = 2 * GATE_TOKENS * cfg.vocab_size * 4
+    return 4 * cfg.num_parameters() + GATE_LOGIT_COPIES * logits + EXPORT_BASE
+
+
+def check_export_memory(cfg: ModelConfig, available: float | None = None) -> None:
+    """Refuse, before loading, an export this machine cannot hold (`available`: bytes, default MemAvailable)."""
+    if available is None:
+        try:
+            import psutil
+
+            available = float(psutil.virtual_memory().available)
+        except ImportError:
+            return
+    need = export_peak_bytes(cfg)
+    if need > available:
+        raise EdgepackError(
+            f"exporting this {cfg.num_parameters() / 1e9:.2f}B-parameter model needs about {need / GB:.1f} GB of "
+            f"memory here (its quality gate holds the fp32 reference), and {available / GB:.1f} GB is available",
+            "close other programs or export on a machine with more memory",
+        )
+
+
 # --- a model's config without reading its weights -------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgepack.blocks import BLOCK, Int4Blocks
+from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks
 from edgepack.presets import PRESETS, QuantPreset, get_preset  # noqa: F401  (the presets, as data)
 
 
@@ -143,7 +143,7 @@ def streamed_smoothing_scale(config: Any, state_dict: Mapping[str, torch.Tensor]
 def apply_preset(
     model: nn.Module,
     preset: QuantPreset,
-    blocks: Mapping[str, Int4Blocks] | None = None,
+    blocks: Mapping[str, CarriedBlocks] | None = None,
     calibration_ids: list[int] | None = None,
 ) -> nn.Module:
     """Quantize a built model in place by the preset's recipe for each part (see `piece_quantizer`).
@@ -165,7 +165,7 @@ def apply_preset(
 
 
 def piece_quantizer(
-    preset: QuantPreset, blocks: Mapping[str, Int4Blocks] | None = None, output_scale: torch.Tensor | None = None
+    preset: QuantPreset, blocks: Mapping[str, CarriedBlocks] | None = None, output_scale: torch.Tensor | None = None
 ) -> Callable[[str, nn.Module], None]:
     """The preset as `build_model`'s `prepare` step: each piece is quantized as soon as it is read.
 
@@ -207,14 +207,17 @@ def piece_quantizer(
     return prepare
 
 
-def _carry_blocks(piece: nn.Module, prefix: str, blocks: Mapping[str, Int4Blocks]) -> set[str]:
+def _carry_blocks(piece: nn.Module, prefix: str, blocks: Mapping[str, CarriedBlocks]) -> set[str]:
     """Swap in the student's own int4 blocks where it has them; returns the (piece-relative) names swapped."""
     carried: set[str] = set()
     for name, module in list(piece.named_modules()):
         key = f"{prefix}.{name}.weight"
         if not isinstance(module, nn.Linear) or key not in blocks:
             continue
-        found = blocks[key].with_positive_scales()
+        found = blocks[key]
+        if not isinstance(found, Int4Blocks):  # 5- to 8-bit GGUF types: the int4 recipe rounds them (no int8 groups)
+            continue
+        found = found.with_positive_scales()
         if found.offsets is None:
             module.weight = int4_weight(found)
         else:
@@ -239,13 +242,13 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
     prepare = None
     if preset.quantized and exporter_quantizes(backend):
         rounding = same_weights_quantizer(backend)
-        prepare = rounding(preset, student.int4_blocks) if rounding else None
+        prepare = rounding(preset, student.gguf_blocks) if rounding else None
     elif preset.quantized:
         tied_table = config.tie_word_embeddings and exporter_keeps_one_tied_table(backend)
         scale = None
         if not tied_table and (preset.lm_head or "").startswith("8da"):
             scale = streamed_smoothing_scale(config, student.state_dict, calibration_ids(student), max_context)
-        prepare = piece_quantizer(preset, student.int4_blocks, scale)
+        prepare = piece_quantizer(preset, student.gguf_blocks, scale)
     dtype = torch.float32 if exporter_quantizes(backend) else preset.torch_dtype
     return build_model(config, student.state_dict, max_context, dtype=dtype, prepare=prepare)
 

@@ -35,7 +35,34 @@ def test_q4_k_decodes_to_exact_blocks_of_32():
     np.testing.assert_allclose(decoded.dequantize().numpy(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
     positive = decoded.with_positive_scales()  # negative d: rewritten exactly, as for Q4_0
     np.testing.assert_allclose(positive.dequantize().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    assert blocks.supports("Q4_K") and not blocks.supports("Q6_K")
+    assert blocks.supports("Q4_K") and blocks.supports("Q6_K") and not blocks.supports("IQ4_XS")
+
+
+@pytest.mark.parametrize("kind, size, halves", [("Q5_K", 176, (0, 2)), ("Q6_K", 210, (208,))])
+def test_k_quants_above_4_bits_decode_to_exact_int8_blocks(kind, size, halves):
+    """Random Q5_K / Q6_K super-blocks (any codes and sub-scales llama.cpp can store) decode into 8-bit codes
+    whose dequantization is what gguf-py computes (to float32 rounding)."""
+    rng = np.random.default_rng(5)
+    rows, cols = 4, 512
+    raw = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    for at in halves:  # the fp16 super-block scales: finite
+        raw[..., at : at + 2] = rng.uniform(-0.05, 0.05, size=(rows, cols // 256)).astype(np.float16)[..., None].view(np.uint8)
+    raw = raw.reshape(rows, -1)
+    decoded = blocks.decode(raw, kind, (rows, cols))
+    assert isinstance(decoded, blocks.Int8Blocks) and decoded.block == (16 if kind == "Q6_K" else 32)
+    expected = dequantize(raw, GGMLQuantizationType[kind])  # Q5_K's min folded into the offset: fp32 rounding
+    np.testing.assert_allclose(decoded.dequantize().numpy(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q5_0", "Q5_1"])
+def test_5_and_8_bit_types_decode_to_exact_int8_blocks(kind):
+    weights = np.random.default_rng(2).normal(size=(8, 96)).astype(np.float32)
+    raw = quantize(weights, GGMLQuantizationType[kind])
+    decoded = blocks.decode(raw, kind, weights.shape)
+    assert (decoded.offsets is not None) == (kind == "Q5_1")
+    np.testing.assert_array_equal(decoded.dequantize().numpy(), dequantize(raw, GGMLQuantizationType[kind]))
+    # The same weights in smaller blocks (how a fused q/k/v matmul holds a Q6_K part next to a Q5_0 one).
+    np.testing.assert_array_equal(blocks.Int8Blocks.of(decoded, 16).dequantize().numpy(), decoded.dequantize().numpy())
 
 
 @pytest.mark.parametrize("kind", ["Q4_0", "Q4_1"])

@@ -116,3 +116,20 @@ def test_estimate_is_close_to_the_default_int4_program(default_int4_bundle: Path
     program = manifest["files"][manifest["backend"]["program"]]["size"]
     estimate = sum(weight_bytes(cfg, get_preset("int4")).values())
     assert abs(estimate - program) / program < 0.15, (estimate, program)
+
+
+def test_an_export_this_machine_cannot_hold_is_refused_before_loading():
+    """The export's own peak (the gate's fp32 reference and logits) against what the machine has: the 1.5B
+    shape needs ~14 GB by the estimate (12.0 GB measured), so 8 GB available is refused with both figures."""
+    from edgepack.fit import check_export_memory, export_peak_bytes
+
+    cfg = ModelConfig.from_hf({**R1_DISTILL, "architectures": ["Qwen2ForCausalLM"]})
+    assert 12e9 < export_peak_bytes(cfg) < 16e9
+    with pytest.raises(EdgepackError, match=r"needs about 13\.\d GB of memory here .* 8\.0 GB is available"):
+        check_export_memory(cfg, available=8e9)
+    check_export_memory(cfg, available=24e9)  # this machine: fits
+
+
+R1_DISTILL = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                  num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rope_theta=10000.0,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False, max_position_embeddings=131072)

@@ -80,6 +80,36 @@ def test_int4_carries_gguf_blocks_exactly(tokens, kind):
     assert np.abs(actual - expected).max() < 1e-4
 
 
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q8_0"])
+def test_gguf_blocks_above_4_bits_are_carried_exactly(tmp_path, tokens, qtype):
+    """A GGUF written by gguf-py with 5- or 8-bit blocks: the int4 preset's graph holds them as 8-bit
+    MatMulNBits blocks, and (fp32 activations) computes the torch model on those same weights within 1e-3."""
+    import gguf
+    import transformers
+
+    from edgepack.exporters.onnx import onnx_rounding
+    from edgepack.intake import load_student
+    from edgepack.model import UnbuiltModel, build_model
+    from edgepack.presets import get_preset
+    from test_intake import SMALL, tiny_state_dict, write_gguf
+
+    cfg = transformers.Qwen2Config(**SMALL, tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "tiny.gguf", "qwen2", cfg, tiny_state_dict(cfg), gguf.GGMLQuantizationType[qtype])
+    student = load_student(str(path))
+    assert {type(b).__name__ for b in student.gguf_blocks.values()} == {"Int8Blocks"}
+    lazy = UnbuiltModel(student.config, student.state_dict, CONTEXT)
+    proto = build_decoder(lazy, GraphSpec("int4", accuracy_level=0), student.gguf_blocks)
+    bits = {a.i for n in proto.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
+    assert bits == {8}  # the layers' blocks, and the int8 table
+    same = build_model(student.config, student.state_dict, CONTEXT,
+                       prepare=onnx_rounding(get_preset("int4"), student.gguf_blocks))
+    c = student.config
+    decoder = OrtCpuDecoder(proto.SerializeToString(),
+                            c.num_layers, c.num_kv_heads, c.head_dim, CONTEXT, c.vocab_size)
+    ids = tokens % c.vocab_size
+    np.testing.assert_allclose(run_sequence(decoder, ids), run_sequence(TorchDecoder(same), ids), atol=1e-3)
+
+
 def test_int4_from_float_weights_is_round_to_nearest(tokens):
     """A student without GGUF blocks is rounded once, per block of 32 (asymmetric min/max): every weight
     within half a step, and the graph computes exactly the model with those rounded weights."""

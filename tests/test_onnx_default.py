@@ -62,7 +62,7 @@ def test_onnx_int4_carries_q4_1_losslessly(onnx_int4_bundle, default_student, re
     assert session.manifest["backend"]["cpu"]["gguf_blocks_carried"] == 210
     cfg = default_student.config
     model = build_model(cfg, default_student.state_dict, max_context=512)
-    exact = build_decoder(model, GraphSpec("int4", accuracy_level=0), default_student.int4_blocks)
+    exact = build_decoder(model, GraphSpec("int4", accuracy_level=0), default_student.gguf_blocks)
     decoder = OrtCpuDecoder(exact.SerializeToString(), cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 512,
                             cfg.vocab_size)
     ids = session.tokenizer.encode(default_text())[:256]

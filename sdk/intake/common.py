@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from edgepack.blocks import Int4Blocks
+from edgepack.blocks import CarriedBlocks
 from edgepack.errors import EdgepackError
 from edgepack.model import HF_KEYS, CausalLM, ConfigError, ModelConfig
 
@@ -37,8 +37,9 @@ class Student:
     # GGUF sources only: HF tensor name -> GGUF type name ("Q4_1"), so an exporter can reuse the blocks.
     # Mind that the file stores llama q/k rows permuted (see `_unpermute`); `state_dict` has HF's order.
     gguf_tensor_types: dict[str, str] | None = field(default=None, repr=False)
-    # GGUF Q4_0/Q4_1/Q4_K matrices as exact int4 blocks (rows in HF order), for exporters that can keep them.
-    int4_blocks: Mapping[str, Int4Blocks] = field(default_factory=dict, repr=False)  # read when accessed too
+    # GGUF matrices decoded exactly (sdk/blocks.py): Q4_0/Q4_1/Q4_K as Int4Blocks, Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 as
+    # Int8Blocks (rows in HF order), for exporters that can keep them; read when accessed, like `state_dict`.
+    gguf_blocks: Mapping[str, CarriedBlocks] = field(default_factory=dict, repr=False)
 
 
 @dataclass

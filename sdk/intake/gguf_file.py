@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from edgepack import blocks
-from edgepack.blocks import Int4Blocks
+from edgepack.blocks import CarriedBlocks
 from edgepack.errors import EdgepackError
 from edgepack.intake.common import (
     Student,
@@ -83,7 +83,7 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
         add_bos=tokenizer.add_bos,
         eos_ids=tokenizer.eos_ids,
         gguf_tensor_types={hf: tensors[name].tensor_type.name for name, hf in hf_names.items()},
-        int4_blocks=LazyWeights({
+        gguf_blocks=LazyWeights({
             hf: (lambda t=tensors[name], hf=hf: _gguf_blocks(t, hf, config))
             for name, hf in hf_names.items()
             if blocks.supports(tensors[name].tensor_type.name) and len(_torch_shape(tensors[name])) == 2
@@ -424,7 +424,7 @@ def _gguf_weight(tensor: Any, hf_name: str, config: ModelConfig, path: Path) -> 
     return weight
 
 
-def _gguf_blocks(tensor: Any, hf_name: str, config: ModelConfig) -> Int4Blocks:
+def _gguf_blocks(tensor: Any, hf_name: str, config: ModelConfig) -> CarriedBlocks:
     found = blocks.decode(tensor.data, tensor.tensor_type.name, _torch_shape(tensor))
     if config.architecture == "llama" and (".q_proj." in hf_name or ".k_proj." in hf_name):
         heads = config.num_heads if ".q_proj." in hf_name else config.num_kv_heads
