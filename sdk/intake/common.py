@@ -41,6 +41,14 @@ class Student:
     # Int8Blocks (rows in HF order), for exporters that can keep them; read when accessed, like `state_dict`.
     gguf_blocks: Mapping[str, CarriedBlocks] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(cls, name: str, source: str, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
+           tokenizer: "TokenizerFiles", **gguf: Any) -> "Student":
+        """A Student from what every loader has: weights and the tokenizer half (plus GGUF-only fields)."""
+        return cls(name=name, source=source, config=config, state_dict=state_dict, tokenizer_files=tokenizer.files,
+                   chat_template=tokenizer.chat_template, bos_id=tokenizer.bos_id, add_bos=tokenizer.add_bos,
+                   eos_ids=tokenizer.eos_ids, **gguf)
+
 
 @dataclass
 class TokenizerFiles:

@@ -72,16 +72,8 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
         _check_type(tensors[name], path)  # every tensor readable, before the export spends any time
     state_dict = LazyWeights({hf: (lambda t=tensors[name], hf=hf: _gguf_weight(t, hf, config, path))
                               for name, hf in hf_names.items()})
-    return Student(
-        name=_QUANT_SUFFIX.sub("", path.stem) or path.stem,
-        source=source,
-        config=config,
-        state_dict=state_dict,
-        tokenizer_files=tokenizer.files,
-        chat_template=tokenizer.chat_template,
-        bos_id=tokenizer.bos_id,
-        add_bos=tokenizer.add_bos,
-        eos_ids=tokenizer.eos_ids,
+    return Student.of(
+        _QUANT_SUFFIX.sub("", path.stem) or path.stem, source, config, state_dict, tokenizer,
         gguf_tensor_types={hf: tensors[name].tensor_type.name for name, hf in hf_names.items()},
         gguf_blocks=LazyWeights({
             hf: (lambda t=tensors[name], hf=hf: _gguf_blocks(t, hf, config))

@@ -40,17 +40,7 @@ def load_folder(folder: Path, source: str | None = None, name: str | None = None
     check_layout(config, _safetensors_shapes(weight_files), source)
     tokenizer = _folder_tokenizer(folder, hf_config, config, source)
     state_dict = _lazy_safetensors(weight_files, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
-    return Student(
-        name=name or folder.resolve().name,
-        source=source,
-        config=config,
-        state_dict=state_dict,
-        tokenizer_files=tokenizer.files,
-        chat_template=tokenizer.chat_template,
-        bos_id=tokenizer.bos_id,
-        add_bos=tokenizer.add_bos,
-        eos_ids=tokenizer.eos_ids,
-    )
+    return Student.of(name or folder.resolve().name, source, config, state_dict, tokenizer)
 
 
 
