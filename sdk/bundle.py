@@ -193,6 +193,9 @@ def write_bundle(destination: str | Path, force: bool = False) -> Iterator[Bundl
         if not (staging / MANIFEST).exists():
             raise RuntimeError("bundle closed without a manifest")
         _move_into_place(staging, destination)
+        stale = destination.with_name(destination.name + FAILED_SUFFIX)
+        if not stale.is_symlink() and is_bundle(stale):  # an earlier try's failed bundle: superseded
+            shutil.rmtree(stale, ignore_errors=True)
     except BaseException as e:
         if getattr(e, "keep_staged", False) and (staging / MANIFEST).exists():
             _keep_failed(staging, destination, e)

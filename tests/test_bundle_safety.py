@@ -804,3 +804,23 @@ def test_the_toolchain_records_the_onnx_and_coreml_stacks(tmp_path: Path) -> Non
     assert recorded == toolchain_versions()
     for name in ("onnx", "onnxruntime", "coremltools"):  # core dependencies: always installed
         assert recorded[name] == metadata.version(name)
+
+
+class _FailedGate(Exception):
+    keep_staged = True  # as verify.VerificationFailed: the finished bundle is kept beside the destination
+
+    def kept(self, where: Path) -> None:
+        self.where = where
+
+
+def test_a_bundle_that_fails_its_gate_is_kept_beside_and_cleared_by_the_next_success(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    with pytest.raises(_FailedGate) as failed:
+        with write_bundle(out) as writer:
+            writer.path("model.bin").write_bytes(b"x")
+            writer.write_json("manifest.json", {"format": "edgepack-bundle"})
+            raise _FailedGate()
+    assert failed.value.where == tmp_path / "b.failed" and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.failed"]  # no staging left
+    make_bundle(out)  # the next try succeeds: the failed copy is superseded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
