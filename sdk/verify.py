@@ -336,7 +336,8 @@ def table_rows(report: Mapping[str, Any]) -> list[tuple[str, str]]:
     fid = report.get("fidelity")
     if fid:
         f, fth = fid["teacher_forcing"], fid["thresholds"]
-        limit = (f"  (min {fth['min_top1']:.1%}, KL max {fth['max_kl']:g}) "
+        top1_min = f"min {fth['min_top1']:.1%}, " if fth and fth["min_top1"] > 0 else ""
+        limit = (f"  ({top1_min}KL max {fth['max_kl']:g}) "
                  f"{ok(f['top1_agreement'] >= fth['min_top1'] and f['mean_kl'] <= fth['max_kl'])}" if fth else
                  "  (reported: no measured threshold for this backend)")
         rows.append(("fidelity", f"top-1 {f['top1_agreement']:.1%}, KL {f['mean_kl']:.4f} vs the same quantized "

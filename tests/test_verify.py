@@ -132,7 +132,7 @@ def test_fidelity_catches_a_broken_lowering_of_quantized_weights(student_folder,
     report = failed.value.report
     assert report["broken"] is True and any(f.startswith("fidelity ") for f in report["failures"])
     assert "the lowering is broken" in str(failed.value)
-    assert report["fidelity"]["teacher_forcing"]["top1_agreement"] < 0.9
+    assert report["fidelity"]["teacher_forcing"]["mean_kl"] > 0.02  # judged on the distributions
 
 
 def test_a_sound_int4_lowering_has_high_fidelity(student_folder, tmp_path):
