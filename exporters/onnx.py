@@ -18,6 +18,7 @@ decoded token (SmolLM2-135M, 2 threads); level 4 decodes in 13 ms.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,7 @@ def onnx_rounding(preset: Any, blocks: Any) -> Any:
     import torch
     from torch import nn
 
-    from edgepack.exporters.onnx_graph import int4_blocks_from_float, int8_blocks
-
-    def int8_round_trip(weight: torch.Tensor) -> torch.Tensor:
-        codes, scales = int8_blocks(weight)
-        values = (torch.from_numpy(codes).float() - 128.0) * torch.from_numpy(scales)[..., None]
-        return values.reshape(weight.shape)
+    from edgepack.exporters.onnx_graph import int4_blocks_from_float, int8_round_trip
 
     def prepare(prefix: str, piece: nn.Module) -> None:
         if PRESET_WEIGHTS.get(preset.name) != "int4":
@@ -149,20 +145,17 @@ def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
     request.step(f"write ONNX graph ({weights})")
     blocks = request.gguf_blocks if weights == "int4" else {}
     level = INT8_ACTIVATIONS if weights == "int4" else 0
-    proto = build_decoder(request.model, GraphSpec(weights, accuracy_level=level), blocks)
+    carried: Counter[int] = Counter()
+    proto = build_decoder(request.model, GraphSpec(weights, accuracy_level=level), blocks, carried)
     save_model(proto, request.writer.path(CPU_PROGRAM))
-    from edgepack.blocks import Int4Blocks
-
-    layers = [k for k in blocks if k.startswith("model.layers.")]
-    int4 = sum(isinstance(blocks[k], Int4Blocks) for k in layers)
     return {
         "program": CPU_PROGRAM,
         "weights": weights,
         "int4_block": 32 if weights == "int4" else None,
         "accuracy_level": level,
         # GGUF blocks kept exactly: 4-bit types as int4 MatMulNBits, 5- to 8-bit ones (Q5_0, Q6_K, Q8_0...) as 8-bit
-        "gguf_blocks_carried": len(layers),
-        "gguf_blocks_carried_8bit": len(layers) - int4,
+        "gguf_blocks_carried": carried[4] + carried[8],
+        "gguf_blocks_carried_8bit": carried[8],
         "inputs": "input_ids[1,T] int64, attention_mask[1,P+T] int64 (ones), past_key_i/past_value_i"
                   "[1,kv_heads,S,head_dim] (S = P, or one max-length buffer shared with present_*)",
         "outputs": "logits[1,T,vocab], present_key_i/present_value_i[1,kv_heads,max(S,P+T),head_dim]",

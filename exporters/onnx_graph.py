@@ -14,6 +14,7 @@ exact fp32 math for GGUF Q4_0/Q4_1/Q4_K blocks (w = scale * code + offset) on OR
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,10 +63,17 @@ def int8_blocks(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return codes.to(torch.uint8).numpy(), scale.numpy().astype(np.float32)
 
 
+def int8_round_trip(w: torch.Tensor) -> torch.Tensor:
+    """`w` as the int4 graph stores an int8 table (`int8_blocks`), back in float32."""
+    codes, scales = int8_blocks(w)
+    return ((torch.from_numpy(codes).float() - 128.0) * torch.from_numpy(scales)[..., None]).reshape(w.shape)
+
+
 class GraphBuilder:
     """Accumulates nodes and initializers; every helper returns the output name."""
 
     def __init__(self) -> None:
+        self.carried: Counter[int] = Counter()  # the student's GGUF matrices written as they are, by bits
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._count = 0
@@ -97,14 +105,18 @@ class GraphBuilder:
         return self._consts[key]
 
 
-def build_decoder(model: Any, spec: GraphSpec, blocks: dict[str, Int4Blocks] | None = None) -> Any:
-    """The ONNX ModelProto of `model` (an unquantized `CausalLM`) in the flavour `spec` names."""
+def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlocks] | None = None,
+                  carried: Counter[int] | None = None) -> Any:
+    """The ONNX ModelProto of `model` (an unquantized `CausalLM`, or an `UnbuiltModel`) in the flavour `spec`
+    names. `carried`, if given, counts the layers' GGUF matrices written as they are, by bits (4 or 8)."""
     from onnx import TensorProto, helper
 
     cfg = model.config
     state = model.state_dict()  # a lazy mapping for an `UnbuiltModel`: each tensor is read when used
     blocks = blocks or {}
     g = GraphBuilder()
+    if carried is not None:
+        g.carried = carried
     H, D, Hn, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
     static = spec.static_seq is not None
     seq_dim: Any = spec.static_seq if static else "seq"
@@ -207,7 +219,7 @@ def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSp
         widths = [w.shape[0] for w in weights]
         y = g.op("MatMul", [x, g.init(base + ".weight_t", torch.cat(weights).t().contiguous().numpy())], tag)
     else:
-        parts = [_blocks_of(n, state, blocks) for n in names]
+        parts = [_blocks_of(g, n, state, blocks) for n in names]
         widths = [p.codes.shape[0] for p in parts]
         y = _blocks_linear(g, x, parts, base, spec)
     biases = [state.get(n + ".bias") for n in names]
@@ -218,9 +230,12 @@ def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSp
     return g.op("Split", [y, g.const(widths)], tag, outputs=len(names), axis=-1)
 
 
-def _blocks_of(name: str, state: Mapping, blocks: Mapping) -> CarriedBlocks:
+def _blocks_of(g: GraphBuilder, name: str, state: Mapping, blocks: Mapping) -> CarriedBlocks:
     found = blocks.get(name + ".weight")
-    return found if found is not None else int4_blocks_from_float(state[name + ".weight"])
+    if found is None:
+        return int4_blocks_from_float(state[name + ".weight"])
+    g.carried[4 if isinstance(found, Int4Blocks) else 8] += 1
+    return found
 
 
 def _blocks_linear(g: GraphBuilder, x: str, parts: list[CarriedBlocks], base: str, spec: GraphSpec) -> str:

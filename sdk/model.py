@@ -399,18 +399,13 @@ def stream_hidden_states(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor
     with torch.device("meta"):
         model = CausalLM(cfg, max_context=len(ids))
     model.inv_freq = rope_frequencies(cfg)
+    cos, sin = model.rope(len(ids), 0)
     x = ids[None, :]
     for prefix, piece in model_pieces(model):
         if prefix == "lm_head":
             break
-        piece.to_empty(device="cpu")
-        piece.load_state_dict({n: state_dict[f"{prefix}.{n}"] for n in piece.state_dict().keys()}, strict=True)
-        if isinstance(piece, DecoderLayer):
-            piece.self_attn.kv_cache.k.zero_()
-            piece.self_attn.kv_cache.v.zero_()
-            x = piece(x, *model.rope(len(ids), 0), 0)
-        else:
-            x = piece(x)
+        _read_piece(piece, state_dict, prefix)
+        x = piece(x, cos, sin, 0) if isinstance(piece, DecoderLayer) else piece(x)
         piece.to_empty(device="meta")
     return x
 
@@ -453,6 +448,17 @@ class UnbuiltModel:
 
     def state_dict(self) -> Mapping[str, torch.Tensor]:
         return self.weights
+
+
+def _read_piece(piece: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """Give a meta-device piece real memory and its tensors `prefix.*` from `state_dict`, strictly. Its KV cache
+    (not in the state dict) is zeroed: `to_empty` leaves whatever the allocator had."""
+    piece.to_empty(device="cpu")
+    piece.load_state_dict({n: state_dict[f"{prefix}.{n}"] for n in piece.state_dict().keys()}, strict=True)
+    for module in piece.modules():
+        if isinstance(module, KVCache):
+            module.k.zero_()
+            module.v.zero_()
 
 
 # prepare(name, piece): called on each piece of a model being built, right after its weights are read (e.g. to
@@ -498,13 +504,8 @@ def build_model(
         if tied_head and prepare is None:
             model.lm_head.weight = model.model.embed_tokens.weight  # one table
         else:  # a tied output layer that `prepare` may quantize is read as a table of its own
-            piece.to_empty(device="cpu")
-            source = "model.embed_tokens" if tied_head else prefix
-            own = {name: state_dict[f"{source}.{name}"] for name in piece.state_dict().keys()}
-            piece.load_state_dict({k: v.to(dtype) for k, v in own.items()}, strict=True)
-            del own
-            piece.to(dtype)  # the KV cache buffers too
+            _read_piece(piece, state_dict, "model.embed_tokens" if tied_head else prefix)
+            piece.to(dtype)
         if prepare is not None:
             prepare(prefix, piece)
-    model.reset_cache()
     return model.eval()

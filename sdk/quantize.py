@@ -14,7 +14,6 @@ linears always use a dynamic-activation recipe here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -239,8 +238,9 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
     from edgepack.model import build_model
 
     config = student.config
+    own_rounding = exporter_quantizes(backend)
     prepare = None
-    if preset.quantized and exporter_quantizes(backend):
+    if preset.quantized and own_rounding:
         rounding = same_weights_quantizer(backend)
         prepare = rounding(preset, student.gguf_blocks) if rounding else None
     elif preset.quantized:
@@ -249,7 +249,7 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
         if not tied_table and (preset.lm_head or "").startswith("8da"):
             scale = streamed_smoothing_scale(config, student.state_dict, calibration_ids(student), max_context)
         prepare = piece_quantizer(preset, student.gguf_blocks, scale)
-    dtype = torch.float32 if exporter_quantizes(backend) else preset.torch_dtype
+    dtype = torch.float32 if own_rounding else preset.torch_dtype
     return build_model(config, student.state_dict, max_context, dtype=dtype, prepare=prepare)
 
 

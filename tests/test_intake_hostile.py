@@ -17,17 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig
 
-from edgepack import intake
-from edgepack.intake import common, gguf_file
 from edgepack.errors import EdgepackError
 from edgepack.fit import estimate, peek_config
-from edgepack.intake import load_student
+from edgepack.intake import common, gguf_file, load_student
 from edgepack.model import ModelConfig
 from edgepack.quantize import get_preset
 from tests.test_intake import SMALL, tiny_state_dict, write_bare_gguf, write_gguf
