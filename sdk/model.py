@@ -369,11 +369,7 @@ class CausalLM(nn.Module):
         return self.model.norm(x)
 
     def rope(self, seq: int, start: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [T, head_dim] of positions start..start+T-1, computed per call in fp32 as transformers does
-        (32 floats instead of two tables)."""
-        angles = (torch.arange(seq, dtype=torch.float32) + start)[:, None] * self.inv_freq[None, :]
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos().to(self.rope_dtype()), angles.sin().to(self.rope_dtype())
+        return rope_tables(self.inv_freq, seq, start, self.rope_dtype())
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # `.to(float16)` must not round the RoPE frequencies: positions in the thousands would drift.
@@ -408,6 +404,14 @@ def stream_hidden_states(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor
         x = piece(x, cos, sin, 0) if isinstance(piece, DecoderLayer) else piece(x)
         piece.to_empty(device="meta")
     return x
+
+
+def rope_tables(inv_freq: torch.Tensor, seq: int, start: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, head_dim] of positions start..start+T-1, computed per call in fp32 as transformers does
+    (32 floats instead of two tables)."""
+    angles = (torch.arange(seq, dtype=torch.float32) + start)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
