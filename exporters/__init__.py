@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from edgepack.bundle import BundleWriter
 from edgepack.errors import EdgepackError
 from edgepack.model import CausalLM
+from edgepack.progress import SILENT, Steps
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -34,7 +35,7 @@ class ExportRequest:
     max_prefill: int
     bos_id: int | None
     eos_ids: list[int]
-    step: Callable[[str], None] = field(default=lambda _msg: None)  # progress: names the stage starting
+    step: Steps = field(default=SILENT)  # progress: names the stage starting, counts its units
     # For exporters registered with quantizes=True: `model` is then unquantized and they apply `preset`
     # themselves (e.g. ONNX writes MatMulNBits from `gguf_blocks`, the student's GGUF blocks, directly).
     target: "Target | None" = None

@@ -48,6 +48,7 @@ from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.coreml_ane import ane_report
 from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, build_model, rope_frequencies
+from edgepack.progress import SILENT, Steps
 
 PROGRAM_FILE = "model.mlpackage"
 MAIN, PREFILL, DECODE = "main", "prefill", "decode"  # main: swift-transformers; prefill/decode: the ANE's
@@ -467,7 +468,7 @@ def _write_with_metadata(source: Path, path: Path, metadata: dict[str, str], des
 
 def build_package(
     model: CausalLM, path: Path, max_context: int, prefill: int, deployment: str = "iOS18",
-    step: Callable[[str], None] = lambda _msg: None, metadata: dict[str, str] | None = None,
+    step: Steps = SILENT, metadata: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write the .mlpackage (`main` ranged, the default; `prefill`/`decode` static; one weight copy, the same
     state layout) and return what the manifest records about it."""

@@ -9,18 +9,20 @@ ExecuTorch's own LLM runners read (BOS/EOS ids, max lengths, vocab size).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgepack.blocks import BLOCK
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
-from edgepack.blocks import BLOCK
 from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, rope_tables
+from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
 
 PROGRAM_FILE = "model.pte"
@@ -45,7 +47,7 @@ class CustomOpsKVCache(nn.Module):
 # every op XNNPACK's partitioner refuses splits a layer's delegate. Written as below (2-D activations [T, hidden],
 # reshapes with one inferred dimension, no slices or squeezes of dynamic tensors, a 4-D mean, quantization ops
 # with meta kernels), each layer is one delegate between ExecuTorch's cache and attention ops, and the default
-# model lowers ~3x faster (NOTES.md, "ExecuTorch lowering"). The weights are the same tensors; the arithmetic
+# model lowers ~3x faster (NOTES.md, "Why the lowering is slow"). The weights are the same tensors; the arithmetic
 # is the same up to summation order.
 
 
@@ -61,7 +63,8 @@ class XnnpackAttention(nn.Module):
         self.o_proj = xnnpack_linear(attn.o_proj)
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.kv_cache = CustomOpsKVCache(attn.kv_cache)
-        self.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim), persistent=False)
+        dtype = attn.kv_cache.k.dtype  # the model's float dtype
+        self.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim).to(dtype), persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         d = self.head_dim
@@ -268,7 +271,7 @@ class Metadata:
 
 
 def lower_to_pte(model: CausalLM, meta: Metadata,
-                 step: Callable[[str], None] = lambda _: None) -> tuple[bytes, list[str]]:
+                 step: Steps = SILENT) -> tuple[bytes, list[str]]:
     """Export, lower to XNNPACK and serialize; returns the .pte bytes and the operators it calls."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -286,13 +289,21 @@ def lower_to_pte(model: CausalLM, meta: Metadata,
     for node in exported.graph.nodes:
         # Provenance records: every later pass deep-copies a node's whole chain of them (16% of the lowering).
         node.meta.pop("from_node", None)
-    step("lower to XNNPACK")
-    edge = to_edge_transform_and_lower(
-        exported,
-        partitioner=[XnnpackPartitioner()],
-        compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-        constant_methods=meta.constant_methods(),
-    )
+    step("lower to XNNPACK: edge dialect and partitioning")
+
+    class CountingPartitioner(XnnpackPartitioner):  # names the delegate count once it is known
+        def partition(self, program: Any) -> Any:
+            result = super().partition(program)
+            step("lower to XNNPACK: compile delegates", total=len(result.partition_tags))
+            return result
+
+    with _delegate_progress(step):
+        edge = to_edge_transform_and_lower(
+            exported,
+            partitioner=[CountingPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=meta.constant_methods(),
+        )
     step("emit program")
     program = edge.to_executorch(
         ExecutorchBackendConfig(
@@ -303,6 +314,26 @@ def lower_to_pte(model: CausalLM, meta: Metadata,
         )
     )
     return program.buffer, program_operators(program)
+
+
+@contextmanager
+def _delegate_progress(step: Steps) -> Iterator[None]:
+    """Advance `step` once per delegate XNNPACK compiles (each layer is one: the long part of an export).
+    ExecuTorch offers no callback and finds backends by class name, so `preprocess` is wrapped for the call."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    original = XnnpackBackend.__dict__["preprocess"]
+
+    def preprocess(program: Any, compile_specs: Any) -> Any:
+        result = original.__func__(program, compile_specs)
+        step.advance()
+        return result
+
+    XnnpackBackend.preprocess = staticmethod(preprocess)
+    try:
+        yield
+    finally:
+        XnnpackBackend.preprocess = original
 
 
 # Operator namespace -> the ExecuTorch kernel library that registers it: CMake target / iOS framework.

@@ -142,11 +142,11 @@ def export_onnx(request: ExportRequest) -> dict[str, Any]:
 def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
     from edgepack.exporters.onnx_graph import GraphSpec, build_decoder
 
-    request.step(f"write ONNX graph ({weights})")
+    request.step(f"write ONNX graph ({weights}), by layer", total=request.model.config.num_layers)
     blocks = request.gguf_blocks if weights == "int4" else {}
     level = INT8_ACTIVATIONS if weights == "int4" else 0
     carried: Counter[int] = Counter()
-    proto = build_decoder(request.model, GraphSpec(weights, accuracy_level=level), blocks, carried)
+    proto = build_decoder(request.model, GraphSpec(weights, accuracy_level=level), blocks, carried, request.step)
     save_model(proto, request.writer.path(CPU_PROGRAM))
     return {
         "program": CPU_PROGRAM,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, Int8Blocks
+from edgepack.progress import SILENT, Steps
 
 OPSET = 23  # RMSNormalization (opset 23): one fused norm op, which QNN maps to its RmsNorm
 MS_DOMAIN = "com.microsoft"
@@ -106,9 +107,10 @@ class GraphBuilder:
 
 
 def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlocks] | None = None,
-                  carried: Counter[int] | None = None) -> Any:
+                  carried: Counter[int] | None = None, progress: Steps = SILENT) -> Any:
     """The ONNX ModelProto of `model` (an unquantized `CausalLM`, or an `UnbuiltModel`) in the flavour `spec`
-    names. `carried`, if given, counts the layers' GGUF matrices written as they are, by bits (4 or 8)."""
+    names. `carried`, if given, counts the layers' GGUF matrices written as they are, by bits (4 or 8);
+    `progress` is advanced once per layer written."""
     from onnx import TensorProto, helper
 
     cfg = model.config
@@ -117,7 +119,7 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlock
     g = GraphBuilder()
     if carried is not None:
         g.carried = carried
-    H, D, Hn, Hkv = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+    D, Hkv = cfg.head_dim, cfg.num_kv_heads
     static = spec.static_seq is not None
     seq_dim: Any = spec.static_seq if static else "seq"
     past_dim: Any = (spec.static_context - spec.static_seq) if static else "past"
@@ -160,6 +162,7 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlock
         prefix = "new" if static else "present"
         for kind in ("key", "value"):
             outputs.append(helper.make_tensor_value_info(f"{prefix}_{kind}_{i}", TensorProto.FLOAT, out_shape))
+        progress.advance()
     h = _rms_norm(g, x, state["model.norm.weight"], cfg.rms_norm_eps)
     logits = _lm_head(g, h, state, cfg, spec)
     g.op("Reshape", [logits, g.const([1, -1, cfg.vocab_size])], out_names=["logits"])

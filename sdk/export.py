@@ -10,10 +10,11 @@ import gc
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgepack.errors import UsageError
 from edgepack.presets import QuantPreset, get_preset
+from edgepack.progress import SILENT, Steps
 from edgepack.targets import Target, get_target
 
 DEFAULT_PREFILL_CHUNK = 128  # tokens per prefill call; bounds the program's activation memory
@@ -134,7 +135,7 @@ def _slug(source: str | None) -> str:
     return name.removesuffix(".gguf").lower().replace(".", "-").replace("_", "-")
 
 
-def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None) -> dict[str, Any]:
+def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
     """Build the bundle the plan describes; returns its manifest."""
     from edgepack.bundle import write_bundle
     from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
@@ -164,8 +165,9 @@ def run_export(plan: ExportPlan, step: Callable[[str], None] = lambda _msg: None
     if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
         model = UnbuiltModel(student.config, student.state_dict, plan.max_context)
     else:
-        step(f"quantize ({plan.preset.name})" if plan.preset.quantized else "build model")
-        model = build_quantized(student, plan.preset, plan.backend, plan.max_context)
+        pieces = student.config.num_layers + 3  # embedding, layers, norm, output layer (`model_pieces`)
+        step(f"quantize ({plan.preset.name}), by layer" if plan.preset.quantized else "build model", total=pieces)
+        model = build_quantized(student, plan.preset, plan.backend, plan.max_context, step)
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
     with write_bundle(plan.output, force=plan.force) as writer:
         tokenizer = _write_tokenizer(writer, student, plan.max_context)

@@ -483,12 +483,14 @@ def build_model(
     max_context: int,
     dtype: torch.dtype = torch.float32,
     prepare: Prepare | None = None,
+    on_piece: Callable[[], None] | None = None,
 ) -> CausalLM:
     """Build the module from a Hugging Face-named state dict, strictly (every name, no other).
 
     Piece by piece (`model_pieces`): each piece's tensors are read, cast to `dtype` and handed to `prepare`
     before the next piece is read. With the intake's lazy state dict and a quantizing `prepare`, the float
-    model is never whole in memory: a 1.5B student in float32 would be 6.2 GB."""
+    model is never whole in memory: a 1.5B student in float32 would be 6.2 GB. `on_piece` is called after
+    each (progress: `len(model_pieces)` = layers + 3 calls)."""
     with torch.device("meta"):
         model = CausalLM(cfg, max_context, dtype)
     expected = set(model.state_dict().keys()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
@@ -512,4 +514,6 @@ def build_model(
             piece.to(dtype)
         if prepare is not None:
             prepare(prefix, piece)
+        if on_piece is not None:
+            on_piece()
     return model.eval()

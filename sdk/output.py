@@ -14,10 +14,14 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import TimeRemainingColumn
 from rich.table import Table
+
+from edgepack.progress import Steps
 
 
 class Output:
@@ -50,27 +54,11 @@ class Output:
             os.close(devnull)
 
     @contextmanager
-    def steps(self, title: str) -> Iterator[Callable[[str], None]]:
-        """A live spinner naming the running step; each finished step is printed with its duration."""
-        current: dict[str, Any] = {"name": None, "t": time.perf_counter()}
-        with self._err.status(f"{title}…") as status:
-
-            def step(name: str) -> None:
-                self._close_step(current)
-                current.update(name=name, t=time.perf_counter())
-                status.update(f"{title}: {name}…")
-
-            try:
-                yield step
-            except BaseException:
-                self._close_step(current, ok=False)
-                raise
-            self._close_step(current)
-
-    def _close_step(self, current: dict[str, Any], ok: bool = True) -> None:
-        if current["name"]:
-            mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
-            self._err.print(f"  {mark} {current['name']} ({time.perf_counter() - current['t']:.1f} s)")
+    def steps(self, title: str) -> Iterator[Steps]:
+        """Each stage live while it runs (a bar with ETA when it counts units), then printed with its duration."""
+        reporter = _LiveSteps(self._err, title) if self._err.is_terminal else _LoggedSteps(self._err, title)
+        with reporter:
+            yield reporter
 
     def stream(self, text: str, dim: bool = False) -> None:
         if self.as_json:
@@ -121,3 +109,67 @@ def _flush_all() -> None:
         ctypes.CDLL(None).fflush(None)
     except (OSError, AttributeError, TypeError):  # no C library to reach (e.g. Windows): nothing buffered there
         pass
+
+
+class _StageClock(Steps):
+    """Times stages and prints each finished one; subclasses show the running one."""
+
+    def __init__(self, console: Console, title: str) -> None:
+        self.console, self.title = console, title
+        self.name: str | None = None
+        self.started = time.perf_counter()
+
+    def __call__(self, name: str, total: int | None = None) -> None:
+        self._close()
+        self.name, self.started = name, time.perf_counter()
+
+    def __enter__(self) -> "_StageClock":
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        self._close(ok=kind is None)
+
+    def _close(self, ok: bool = True) -> None:
+        if self.name:
+            mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
+            self.console.print(f"  {mark} {self.name} ({time.perf_counter() - self.started:.1f} s)", highlight=False)
+        self.name = None
+
+
+class _LiveSteps(_StageClock):
+    """On a terminal: a spinner per stage; a bar, count, elapsed time and ETA for a stage of counted units."""
+
+    def __init__(self, console: Console, title: str) -> None:
+        super().__init__(console, title)
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console,
+                                 transient=True)
+        self.task: Any = None
+
+    def __call__(self, name: str, total: int | None = None) -> None:
+        super().__call__(name, total)
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(f"{self.title}: {name}", total=total)
+
+    def advance(self, units: int = 1) -> None:
+        if self.task is not None:
+            self.progress.advance(self.task, units)
+
+    def __enter__(self) -> "_LiveSteps":
+        self.progress.start()
+        return self
+
+    def __exit__(self, kind: Any, *rest: Any) -> None:
+        self.progress.stop()
+        super().__exit__(kind, *rest)
+
+
+class _LoggedSteps(_StageClock):
+    """Not a terminal (a pipe, a CI log): one line when a stage starts, one when it ends, written at once."""
+
+    def __call__(self, name: str, total: int | None = None) -> None:
+        super().__call__(name, total)
+        units = f" ({total} units)" if total else ""
+        self.console.print(f"  … {self.title}: {name}{units}", highlight=False)
+        self.console.file.flush()

@@ -21,6 +21,7 @@ from torch import nn
 
 from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks
 from edgepack.presets import PRESETS, QuantPreset, get_preset  # noqa: F401  (the presets, as data)
+from edgepack.progress import SILENT, Steps
 
 
 # How far output-layer smoothing moves activation range into the weights (SmoothQuant's alpha). Measured on
@@ -230,10 +231,12 @@ def _inside(fqn: str, parents: set[str]) -> bool:
     return any(fqn.startswith(p + ".") for p in parents)
 
 
-def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context: int) -> nn.Module:
+def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context: int,
+                    progress: Steps = SILENT) -> nn.Module:
     """The student's module with the preset applied as exporter `backend` lowers it, quantized piece by piece as
     it is read (`build_model`'s `prepare`): a 1.5B int4 export never holds the 6.2 GB float32 model. Exporters
-    that quantize themselves (registered `quantizes=True`) give their own rounding (`same_weights`)."""
+    that quantize themselves (registered `quantizes=True`) give their own rounding (`same_weights`). `progress`
+    is advanced per piece built (layers + 3)."""
     from edgepack.exporters import exporter_keeps_one_tied_table, exporter_quantizes, same_weights_quantizer
     from edgepack.model import build_model
 
@@ -250,7 +253,8 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
             scale = streamed_smoothing_scale(config, student.state_dict, calibration_ids(student), max_context)
         prepare = piece_quantizer(preset, student.gguf_blocks, scale)
     dtype = torch.float32 if own_rounding else preset.torch_dtype
-    return build_model(config, student.state_dict, max_context, dtype=dtype, prepare=prepare)
+    return build_model(config, student.state_dict, max_context, dtype=dtype, prepare=prepare,
+                       on_piece=progress.advance)
 
 
 def calibration_ids(student: Any, tokens: int = 1024) -> list[int]:

@@ -20,12 +20,13 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 import numpy as np
 
 from edgepack.bundle import FAILED_SUFFIX  # a bundle that failed the gate is kept at OUTPUT.failed
 from edgepack.errors import EdgepackError, UsageError
+from edgepack.progress import SILENT, Steps
 
 if TYPE_CHECKING:
     from edgepack.intake import Student
@@ -126,6 +127,21 @@ def teacher_forcing(
             break
         positions.add(reference.score(part)[:-1], candidate.score(part)[:-1], part[1:])
     return positions.result()
+
+
+class _Remembered:
+    """A scorer that keeps what it scored: the bundle's logits for the evaluation text serve both the fp32 and
+    the same-weights comparison (a last-position program such as ExecuTorch's is scored one token per call:
+    minutes for a 1.5B student). Held as float32: 1024 x 151,936 logits are 0.6 GB."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer, self.seen = scorer, {}
+
+    def score(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        key = np.asarray(token_ids, dtype=np.int64).tobytes()
+        if key not in self.seen:
+            self.seen[key] = np.asarray(self.scorer.score(token_ids), dtype=np.float32)
+        return self.seen[key]
 
 
 # --- thresholds (data: sdk/thresholds.toml) -------------------------------------------------------------
@@ -302,16 +318,15 @@ def gate_export(
     student: "Student",
     enabled: bool = True,
     keep_failed: bool = False,
-    step: Callable[[str], None] = lambda _msg: None,
+    step: Steps = SILENT,
 ) -> dict[str, Any]:
     """The export's last step, on the staged bundle before it is moved into place: verify it and record the
     result in its manifest. A failure raises unless `keep_failed` (the bundle then goes to OUTPUT.failed)."""
     from edgepack.bundle import MANIFEST
 
     if enabled:
-        step("verify against the fp32 reference")
-        try:
-            section = verify_bundle(writer.dir, student=student).to_dict()
+        try:  # its stages are named by verify_bundle: the bundle, then the fp32 reference, then the same weights
+            section = verify_bundle(writer.dir, student=student, step=step).to_dict()
         except BackendUnavailable as e:  # recorded, not hidden: `edgepack verify` it where it runs
             section = {"status": "not_run", "reason": e.one_line()}
     else:
@@ -367,7 +382,7 @@ def verify_bundle(
     text_file: str | Path | None = None,
     eval_tokens: int = DEFAULT_EVAL_TOKENS,
     student: "Student | None" = None,
-    step: Callable[[str], None] = lambda _msg: None,
+    step: Steps = SILENT,
     backend_override: str | None = None,
 ) -> Report:
     """Measure `bundle` against the fp32 reference; `student` (already loaded, e.g. by the export) saves a reload.
@@ -390,7 +405,7 @@ def verify_bundle(
         student = _load_reference_student(reference, manifest)
     _check_same_model(student, manifest)
 
-    step("open bundle")
+    step("verify: open bundle")
     try:
         session = runtime.load(bundle, backend=backend_override)
     except EdgepackError as e:  # an environment problem (OS, runtime package); a broken program raises others
@@ -420,7 +435,8 @@ def verify_bundle(
 
     step(f"teacher forcing ({eval_tokens} tokens)")
     window = min(session.max_context, ref.max_context)
-    agreement = teacher_forcing(ref, session, ids, window=window)
+    bundle_scores = _Remembered(session)  # scored once, read again by the fidelity pass
+    agreement = teacher_forcing(ref, bundle_scores, ids, window=window)
     step("greedy continuations")
     greedy = [compare_greedy(ref, session, messages) for messages in CHAT_PROMPTS]
     del ref  # the fp32 model: never in memory together with the quantized one
@@ -431,7 +447,7 @@ def verify_bundle(
     unquantized = same is None
     if same is not None:
         step(f"fidelity: the same quantized weights in edgepack's torch model ({eval_tokens} tokens)")
-        fidelity = teacher_forcing(same, session, ids, window=window)
+        fidelity = teacher_forcing(same, bundle_scores, ids, window=window)
         same = None
         fidelity_limits = fidelity_thresholds(*ran.split("/", 1))
         fidelity_failures = [f"fidelity {f}" for f in fidelity_limits.failures(fidelity)] if fidelity_limits else []

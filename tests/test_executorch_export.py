@@ -17,14 +17,15 @@ from edgepack.runtime import Session, TorchDecoder
 from edgepack.runtime.executorch_backend import ExecuTorchDecoder
 
 from conftest import random_model, run_sequence, tiny_config
+from test_progress import Recorder
 
 CONTEXT, PREFILL = 64, 16
 
 
-def export(model, tmp_path, name: str):
+def export(model, tmp_path, name: str, progress=None):
     meta = Metadata(bos_id=1, eos_ids=[2], max_context=CONTEXT, max_prefill=PREFILL, vocab_size=model.config.vocab_size)
     path = tmp_path / f"{name}.pte"
-    pte, _operators = lower_to_pte(copy.deepcopy(model), meta)
+    pte, _operators = lower_to_pte(copy.deepcopy(model), meta, *([progress] if progress else []))
     path.write_bytes(pte)
     return ExecuTorchDecoder(path, CONTEXT, model.config.vocab_size, PREFILL, last_logits_only=True)
 
@@ -56,8 +57,14 @@ def test_int4_program_matches_eager_quantized_model(tmp_path, tokens):
     """Same torchao int4 recipe, eager vs XNNPACK kernels: differences are rounding only."""
     model = apply_preset(random_model(tiny_config(), max_context=CONTEXT), get_preset("int4"))
     expected = run_sequence(TorchDecoder(copy.deepcopy(model)), tokens)
-    actual = run_sequence(export(model, tmp_path, "int4"), tokens)
+    progress = Recorder()
+    actual = run_sequence(export(model, tmp_path, "int4", progress), tokens)
     expected = expected[last_rows(len(tokens))]
+    # One XNNPACK delegate per layer (between ExecuTorch's cache and attention ops) plus the RoPE tables, the
+    # first layer's projections and the output layer, each counted as it is compiled. More would mean an op
+    # XNNPACK refuses splits a layer again (each split costs seconds of export per layer).
+    (name, total, done), = [stage for stage in progress.stages if stage[1]]
+    assert name == "lower to XNNPACK: compile delegates" and total == done == model.config.num_layers + 3
     assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
     assert (actual.argmax(-1) == expected.argmax(-1)).mean() >= 0.9
 
