@@ -147,8 +147,10 @@ class XnnpackBlockOffsetLinear(nn.Module):
         with torch.no_grad():
             if isinstance(self.offsets, DynamicQuantLinear):
                 self.offsets.scale.mul_(BLOCK)
-            else:
-                self.offsets.weight = nn.Parameter(self.offsets.weight * BLOCK, requires_grad=False)
+            else:  # a new module: the one it replaces belongs to the caller's model
+                scaled = nn.Linear(self.offsets.in_features, self.offsets.out_features, bias=False)
+                scaled.weight = nn.Parameter(self.offsets.weight.detach() * BLOCK, requires_grad=False)
+                self.offsets = scaled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         means = x.view(-1, self.blocks, 1, BLOCK).mean((2, 3), keepdim=True).view(-1, self.blocks)

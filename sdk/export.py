@@ -7,6 +7,7 @@ model is loaded, so bad input fails in milliseconds, not after minutes of loweri
 from __future__ import annotations
 
 import gc
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
     from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
     from edgepack.intake import load_student
     from edgepack.model import UnbuiltModel
-    from edgepack.quantize import build_quantized
+    from edgepack.quantize import build_quantized, park_quantized
     from edgepack.verify import VerificationFailed, gate_export
 
     started = time.perf_counter()
@@ -162,14 +163,18 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
     if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
         _fit_check(student.config, plan.target, plan.preset, plan.max_context,
                    plan.backend_label)
+    parked = tempfile.TemporaryDirectory(prefix="edgepack-quantized-")
+    same_weights = None  # the gate's same-weights model: the one built here, read back (no second quantization)
     if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
         model = UnbuiltModel(student.config, student.state_dict, plan.max_context)
     else:
         pieces = student.config.num_layers + 3  # embedding, layers, norm, output layer (`model_pieces`)
         step(f"quantize ({plan.preset.name}), by layer" if plan.preset.quantized else "build model", total=pieces)
         model = build_quantized(student, plan.preset, plan.backend, plan.max_context, step)
+        if plan.preset.quantized and plan.verify:  # written before the exporter may change the module
+            same_weights = park_quantized(model, Path(parked.name))
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
-    with write_bundle(plan.output, force=plan.force) as writer:
+    with parked, write_bundle(plan.output, force=plan.force) as writer:
         tokenizer = _write_tokenizer(writer, student, plan.max_context)
         request = ExportRequest(
             model=model,
@@ -207,7 +212,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
                 "export_seconds": round(time.perf_counter() - started, 1),
             }
         )
-        manifest = gate_export(writer, manifest, student, plan.verify, plan.keep_failed, step)
+        manifest = gate_export(writer, manifest, student, plan.verify, plan.keep_failed, step, same_weights)
     if manifest["verification"]["status"] == "failed":
         raise VerificationFailed(manifest["verification"], kept=plan.output)
     return manifest

@@ -20,7 +20,7 @@ import time
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 
@@ -319,6 +319,7 @@ def gate_export(
     enabled: bool = True,
     keep_failed: bool = False,
     step: Steps = SILENT,
+    same_weights: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """The export's last step, on the staged bundle before it is moved into place: verify it and record the
     result in its manifest. A failure raises unless `keep_failed` (the bundle then goes to OUTPUT.failed)."""
@@ -326,7 +327,7 @@ def gate_export(
 
     if enabled:
         try:  # its stages are named by verify_bundle: the bundle, then the fp32 reference, then the same weights
-            section = verify_bundle(writer.dir, student=student, step=step).to_dict()
+            section = verify_bundle(writer.dir, student=student, step=step, same_weights=same_weights).to_dict()
         except BackendUnavailable as e:  # recorded, not hidden: `edgepack verify` it where it runs
             section = {"status": "not_run", "reason": e.one_line()}
     else:
@@ -384,9 +385,11 @@ def verify_bundle(
     student: "Student | None" = None,
     step: Steps = SILENT,
     backend_override: str | None = None,
+    same_weights: Callable[[], Any] | None = None,
 ) -> Report:
     """Measure `bundle` against the fp32 reference; `student` (already loaded, e.g. by the export) saves a reload.
-    `backend_override` scores another runtime backend of the bundle (e.g. "onnx/qnn": the NPU graphs)."""
+    `backend_override` scores another runtime backend of the bundle (e.g. "onnx/qnn": the NPU graphs);
+    `same_weights` loads the export's own quantized model (`quantize.park_quantized`)."""
     from edgepack import runtime
     from edgepack.bundle import read_manifest
     from edgepack.evaltext import fingerprint, load_text
@@ -443,7 +446,7 @@ def verify_bundle(
     gc.collect()
 
     fidelity, fidelity_limits, fidelity_failures = None, None, []
-    same = _same_weights_session(student, manifest)
+    same = _same_weights_session(student, manifest, same_weights)
     unquantized = same is None
     if same is not None:
         step(f"fidelity: the same quantized weights in edgepack's torch model ({eval_tokens} tokens)")
@@ -552,9 +555,10 @@ def _check_same_model(student: "Student", manifest: Mapping[str, Any]) -> None:
         )
 
 
-def _same_weights_session(student: "Student", manifest: Mapping[str, Any]) -> "Session | None":
-    """The project's torch model on the bundle's own quantized weights (as the export built them), or None for an
-    unquantized bundle (its reference is the fp32 one)."""
+def _same_weights_session(student: "Student", manifest: Mapping[str, Any],
+                          load: Callable[[], Any] | None = None) -> "Session | None":
+    """The project's torch model on the bundle's own quantized weights (as the export built them: `load` reads
+    the export's own, else they are built again), or None for an unquantized bundle (its reference is fp32)."""
     from edgepack.presets import get_preset
     from edgepack.quantize import build_quantized
 
@@ -562,6 +566,8 @@ def _same_weights_session(student: "Student", manifest: Mapping[str, Any]) -> "S
     preset = get_preset(quant["name"]).with_group_size(quant.get("group_size"))
     if not preset.quantized:
         return None
+    if load is not None:
+        return _reference_session(student, manifest, load())
     model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
     return _reference_session(student, manifest, model)
 

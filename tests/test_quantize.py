@@ -7,10 +7,11 @@ import copy
 import numpy as np
 import torch
 
-from edgepack.quantize import apply_preset, get_preset, smooth_output_layer
+from edgepack.quantize import BlockOffsetLinear, apply_preset, get_preset, park_quantized, smooth_output_layer
 from edgepack.runtime import TorchDecoder
 
 from conftest import random_model, tiny_config
+from test_blocks import synthetic_blocks
 
 
 def logits(model, tokens):
@@ -52,3 +53,19 @@ def test_streamed_smoothing_equals_the_built_models():
     built = smoothing_scale(output_absmax(model, ids), model.lm_head.weight)
     streamed = streamed_smoothing_scale(cfg, model.state_dict(), ids, max_context=64)
     torch.testing.assert_close(streamed, built, rtol=1e-4, atol=1e-6)
+
+
+def test_parked_quantized_model_reads_back_the_same_weights(tmp_path):
+    """The export parks its quantized model for the gate (`park_quantized`): read back memory-mapped, it computes
+    exactly what it computed, carried Q4_1 blocks and torchao tensors included, so the gate need not quantize
+    the student a second time."""
+    model = random_model(tiny_config(), max_context=32)
+    quantized = apply_preset(copy.deepcopy(model), get_preset("int4"), synthetic_blocks(model, "Q4_1"))
+    tokens = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = quantized(tokens, torch.tensor([0]))
+        quantized.reset_cache()
+        loaded = park_quantized(quantized, tmp_path)()
+        actual = loaded(tokens, torch.tensor([0]))
+    assert isinstance(loaded.model.layers[0].mlp.up_proj, BlockOffsetLinear)
+    assert torch.equal(actual, expected)
