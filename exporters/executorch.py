@@ -142,15 +142,10 @@ class XnnpackBlockOffsetLinear(nn.Module):
 
     def __init__(self, linear: BlockOffsetLinear) -> None:
         super().__init__()
-        self.main, self.offsets = xnnpack_linear(linear.main), xnnpack_linear(linear.offsets)
+        self.main = xnnpack_linear(linear.main)
+        self.offsets = DynamicQuantLinear(linear.offsets)  # always int8 (`quantize.OFFSETS_RECIPE`)
+        self.offsets.scale.mul_(BLOCK)  # its own copy of the scales
         self.blocks = linear.in_features // BLOCK
-        with torch.no_grad():
-            if isinstance(self.offsets, DynamicQuantLinear):
-                self.offsets.scale.mul_(BLOCK)
-            else:  # a new module: the one it replaces belongs to the caller's model
-                scaled = nn.Linear(self.offsets.in_features, self.offsets.out_features, bias=False)
-                scaled.weight = nn.Parameter(self.offsets.weight.detach() * BLOCK, requires_grad=False)
-                self.offsets = scaled
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         means = x.view(-1, self.blocks, 1, BLOCK).mean((2, 3), keepdim=True).view(-1, self.blocks)

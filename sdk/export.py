@@ -141,7 +141,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
     from edgepack.bundle import write_bundle
     from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
     from edgepack.intake import load_student
-    from edgepack.model import UnbuiltModel
+    from edgepack.model import UnbuiltModel, piece_count
     from edgepack.quantize import build_quantized, park_quantized
     from edgepack.verify import VerificationFailed, gate_export
 
@@ -168,8 +168,8 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
     if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
         model = UnbuiltModel(student.config, student.state_dict, plan.max_context)
     else:
-        pieces = student.config.num_layers + 3  # embedding, layers, norm, output layer (`model_pieces`)
-        step(f"quantize ({plan.preset.name}), by layer" if plan.preset.quantized else "build model", total=pieces)
+        stage = f"quantize ({plan.preset.name}), by layer" if plan.preset.quantized else "build model"
+        step(stage, total=piece_count(student.config))
         model = build_quantized(student, plan.preset, plan.backend, plan.max_context, step)
         if plan.preset.quantized and plan.verify:  # written before the exporter may change the module
             same_weights = park_quantized(model, Path(parked.name))

@@ -470,6 +470,11 @@ def _read_piece(piece: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix
 Prepare = Callable[[str, nn.Module], None]
 
 
+def piece_count(cfg: ModelConfig) -> int:
+    """How many pieces `model_pieces` gives: embedding, each layer, final norm, output layer."""
+    return cfg.num_layers + 3
+
+
 def model_pieces(model: "CausalLM") -> list[tuple[str, nn.Module]]:
     """The units a model is built and quantized in, by Hugging Face prefix, in forward order."""
     layers = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
@@ -490,7 +495,7 @@ def build_model(
     Piece by piece (`model_pieces`): each piece's tensors are read, cast to `dtype` and handed to `prepare`
     before the next piece is read. With the intake's lazy state dict and a quantizing `prepare`, the float
     model is never whole in memory: a 1.5B student in float32 would be 6.2 GB. `on_piece` is called after
-    each (progress: `len(model_pieces)` = layers + 3 calls)."""
+    each (`piece_count` calls: progress)."""
     with torch.device("meta"):
         model = CausalLM(cfg, max_context, dtype)
     expected = set(model.state_dict().keys()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())

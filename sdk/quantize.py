@@ -237,7 +237,7 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
     """The student's module with the preset applied as exporter `backend` lowers it, quantized piece by piece as
     it is read (`build_model`'s `prepare`): a 1.5B int4 export never holds the 6.2 GB float32 model. Exporters
     that quantize themselves (registered `quantizes=True`) give their own rounding (`same_weights`). `progress`
-    is advanced per piece built (layers + 3)."""
+    is advanced per piece built (`model.piece_count`)."""
     from edgepack.exporters import exporter_keeps_one_tied_table, exporter_quantizes, same_weights_quantizer
     from edgepack.model import build_model
 

@@ -567,8 +567,9 @@ def _same_weights_session(student: "Student", manifest: Mapping[str, Any],
     if not preset.quantized:
         return None
     if load is not None:
-        return _reference_session(student, manifest, load())
-    model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
+        model = load()
+    else:
+        model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
     return _reference_session(student, manifest, model)
 
 

@@ -3,7 +3,7 @@ written at once; counted stages (layers, delegates) are advanced by the pipeline
 
 from __future__ import annotations
 
-from edgepack.model import build_model, model_pieces
+from edgepack.model import build_model, model_pieces, piece_count
 from edgepack.output import Output
 from edgepack.progress import Steps
 
@@ -50,6 +50,7 @@ def test_building_a_model_advances_once_per_piece():
     cfg = tiny_config()
     weights = random_model(cfg, max_context=16).state_dict()
     recorder = Recorder()
-    recorder("quantize", total=cfg.num_layers + 3)
+    recorder("quantize", total=piece_count(cfg))
     model = build_model(cfg, weights, 16, on_piece=recorder.advance)
     assert recorder.stages == [["quantize", cfg.num_layers + 3, len(model_pieces(model))]]
+    assert piece_count(cfg) == len(model_pieces(model))
