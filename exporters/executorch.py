@@ -117,8 +117,15 @@ class DynamicQuantLinear(nn.Module):
         self.group = weight.block_size[1]
         # Per channel: one scale per row as a vector (XNNPACK reads quantization parameters from constants only).
         rows = (weight.qdata.shape[0],) if self.group >= weight.qdata.shape[1] else (weight.qdata.shape[0], -1)
-        self.register_buffer("qdata", weight.qdata)
-        self.register_buffer("scale", weight.scale.reshape(rows).float().clone())  # its own: may be rescaled
+        qdata, scale = weight.qdata, weight.scale.reshape(rows).float().clone()  # its own scales: may be rescaled
+        empty = scale == 0  # an all-zero group: XNNPACK refuses a zero scale, so codes 0 and any scale (exact)
+        if empty.any():
+            width = qdata.shape[1] // (scale.shape[1] if scale.dim() == 2 else 1)
+            mask = empty.repeat_interleave(width, dim=1) if scale.dim() == 2 else empty[:, None]
+            qdata = qdata.masked_fill(mask, 0)
+            scale[empty] = torch.finfo(torch.float32).tiny
+        self.register_buffer("qdata", qdata)
+        self.register_buffer("scale", scale)
         self.register_buffer("zero_point", weight.zero_point.reshape(rows).to(torch.int8))
         self.bias = linear.bias
 

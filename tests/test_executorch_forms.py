@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from edgepack.exporters.executorch import XnnpackProgram, rotate_half_matrix
 from edgepack.model import apply_rope
@@ -56,3 +57,18 @@ def test_program_forms_keep_carried_q4_1_blocks():
         expected = last_logits(copy.deepcopy(quantized), tokens)
         actual = last_logits(XnnpackProgram(copy.deepcopy(quantized)), tokens)
     assert (actual - expected).abs().max() < 0.02 * expected.abs().max()
+
+
+def test_an_all_zero_weight_group_keeps_its_zeros_with_a_scale_xnnpack_takes():
+    """XNNPACK refuses a zero scale (found on Qwen2.5-Coder-0.5B): such a group gets codes 0 and a tiny scale."""
+    from edgepack.exporters.executorch import DynamicQuantLinear
+
+    model = apply_preset(random_model(tiny_config(), max_context=CONTEXT), get_preset("int4"))
+    linear = model.model.layers[0].mlp.up_proj
+    linear.weight.scale[3, 1] = 0.0
+    converted = DynamicQuantLinear(linear)
+    assert (converted.scale > 0).all()
+    assert not converted.qdata[3, 32:64].any() and torch.equal(converted.qdata[4], linear.weight.qdata[4])
+    x = torch.randn(5, linear.in_features)
+    kept = converted.qdata.float() * converted.scale.repeat_interleave(32, 1)
+    torch.testing.assert_close(F.linear(x, kept), F.linear(x, linear.weight.dequantize()))
