@@ -47,7 +47,7 @@ from torch import nn
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.coreml_ane import ane_report
-from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, build_model, rope_frequencies
+from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, Prepare, build_model, rope_frequencies
 from edgepack.progress import SILENT, Steps
 
 PROGRAM_FILE = "model.mlpackage"
@@ -291,12 +291,46 @@ class FixedShapeLM(CoreMLCausalLM):
         return self.head(x)
 
 
-def coreml_module(model: CausalLM, max_context: int, function: str = MAIN) -> tuple[CoreMLCausalLM, dict[str, Grid]]:
-    """The Core ML forward of `function` over float copies of the quantized model's weights, and their grids."""
+def coreml_module(
+    model: CausalLM, max_context: int, function: str = MAIN, placeholders: bool = False
+) -> tuple[CoreMLCausalLM, dict[str, Grid]]:
+    """The Core ML forward of `function` over float copies of the quantized model's weights, and their grids.
+
+    `placeholders`: each weight that has a grid is a constant-valued stand-in instead (`placeholder_weights`),
+    for conversion, where `carry_grids` replaces it: a float copy of a 1.5B student is 7.1 GB per function."""
+    from edgepack.intake.weights import LazyWeights
+
     floats, grids = carried_weights(model)
-    lm = build_model(model.config, floats, max_context=1)  # its own KV buffers are unused here
+    prepare = None
+    if placeholders:  # nothing is dequantized: the piece reads zeros, then takes its stand-ins
+        zeros = {name: lambda g=grid: torch.zeros((1, 1)).expand(g.codes.shape) for name, grid in grids.items()}
+        floats = LazyWeights({name: zeros.get(name, lambda n=name, read=floats: read[n]) for name in floats})
+        prepare = placeholder_weights(grids, model.config.tie_word_embeddings)
+    lm = build_model(model.config, floats, max_context=1, prepare=prepare)  # its own KV buffers are unused here
     cls = SwiftTransformersLM if function == MAIN else FixedShapeLM
     return cls(lm, max_context).eval(), grids
+
+
+def placeholder_weights(grids: Mapping[str, Grid], tied: bool) -> Prepare:
+    """`build_model`'s prepare step that swaps each gridded weight of a piece for a stand-in of its shape that
+    holds no memory (one value, zero strides), right after the piece is read. Each stand-in has its own value
+    (1, 2, ...: exact in fp16), so coremltools' constant deduplication cannot merge two of them. A tied output
+    layer takes the table's stand-in: one constant, as in the model."""
+    values = {name: float(i + 1) for i, name in enumerate(grids)}
+    made: dict[str, nn.Parameter] = {}
+
+    def prepare(prefix: str, piece: nn.Module) -> None:
+        for name, param in list(piece.named_parameters()):
+            full = "model.embed_tokens.weight" if tied and prefix == "lm_head" else f"{prefix}.{name}"
+            if full not in values:
+                continue
+            if full not in made:
+                stand_in = torch.full((1,) * param.dim(), values[full], dtype=param.dtype).expand(param.shape)
+                made[full] = nn.Parameter(stand_in, requires_grad=False)
+            owner, _, attr = name.rpartition(".")
+            setattr(piece.get_submodule(owner) if owner else piece, attr, made[full])
+
+    return prepare
 
 
 def export_program(module: CoreMLCausalLM, seq_len: int | None) -> torch.export.ExportedProgram:
@@ -339,31 +373,31 @@ def carry_grids(prog: Any, grids: dict[str, Grid]) -> dict[str, str]:
         by_const.setdefault(_const_name("lm_head.weight"), "model.embed_tokens.weight")
     done: dict[str, str] = {}
     for function in prog.functions.values():
-        for op in list(function.operations):
-            if op.op_type != "const":
-                continue
-            base = op.name.removesuffix("_to_fp16")
-            if base not in by_const or by_const[base] in done:
-                continue
-            name = by_const[base]
-            grid = grids[name]
-            if tuple(op.outputs[0].shape) != grid.codes.shape:
-                raise EdgepackError(f"Core ML weight {op.name} has shape {op.outputs[0].shape}", "report this bug")
-            dtype = types.nptype_from_builtin(types.int4 if grid.bits == 4 else types.int8)
-            params = optimize_utils.QuantParams(
-                data=grid.codes.astype(dtype),
-                scale=grid.scales.astype(np.float16),
-                offset=None if grid.offsets is None else grid.offsets.astype(np.float16),
-                nbits=np.uint8(grid.bits),
-            )
-            scopes = [ScopeInfo(source=src, data=data) for src, data in op.scopes.items() if "EXIR" in str(src) and data]
-            with function, mb.scope(*scopes):  # the new op keeps the weight's torch.export provenance
-                new = linear_quantize_weights._create_constexpr_var(op, params)
-                op.enclosing_block.replace_uses_of_var_after_op(
-                    anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+        # One block context for all replacements: leaving it re-checks the whole block (O(ops) each time).
+        with function:
+            for op in list(function.operations):
+                base = op.name.removesuffix("_to_fp16")
+                if op.op_type != "const" or base not in by_const or by_const[base] in done:
+                    continue
+                name = by_const[base]
+                grid = grids[name]
+                if tuple(op.outputs[0].shape) != grid.codes.shape:
+                    raise EdgepackError(f"Core ML weight {op.name} has shape {op.outputs[0].shape}", "report this bug")
+                dtype = types.nptype_from_builtin(types.int4 if grid.bits == 4 else types.int8)
+                params = optimize_utils.QuantParams(
+                    data=grid.codes.astype(dtype),
+                    scale=grid.scales.astype(np.float16),
+                    offset=None if grid.offsets is None else grid.offsets.astype(np.float16),
+                    nbits=np.uint8(grid.bits),
                 )
-                op.enclosing_block.remove_ops([op])
-            done[name] = grid.describe()
+                scopes = [ScopeInfo(source=src, data=data) for src, data in op.scopes.items() if "EXIR" in str(src) and data]
+                with mb.scope(*scopes):  # the new op keeps the weight's torch.export provenance
+                    new = linear_quantize_weights._create_constexpr_var(op, params)
+                    op.enclosing_block.replace_uses_of_var_after_op(
+                        anchor_op=op, old_var=op.outputs[0], new_var=new, no_check_var_types=True
+                    )
+                    op.enclosing_block.remove_ops([op])
+                done[name] = grid.describe()
     missing = sorted(set(grids) - set(done))
     if missing:
         raise EdgepackError(f"quantized weights {missing[:3]} not found in the Core ML program", "report this bug")
@@ -398,7 +432,7 @@ def convert(
             f"Core ML deployment target {deployment!r} is not supported",
             f"use one of {', '.join(DEPLOYMENT_TARGETS)} (states and int4 blocks need iOS 18 / macOS 15)",
         )
-    module, grids = coreml_module(model, max_context, MAIN if seq_len is None else DECODE)
+    module, grids = coreml_module(model, max_context, MAIN if seq_len is None else DECODE, placeholders=True)
     exported = export_program(module, seq_len)
     shape = state_shape(model.config, max_context)
     prog = ct.convert(
@@ -466,6 +500,35 @@ def _write_with_metadata(source: Path, path: Path, metadata: dict[str, str], des
     mlmodel.save(str(path))
 
 
+def equal_weights(model: CausalLM) -> tuple[list[list[str]], dict[str, float]]:
+    """What the package does not store under each weight's own name: (groups of weights, by Hugging Face name,
+    with equal values as the package stores them; unquantized weights that hold one value everywhere).
+
+    coremltools merges equal constants into one (`const_deduplication`, which `save_multifunction` runs inside
+    every function) under the first name, and drops a multiplication by ones or an addition of zeros
+    (`noop_elimination`): the norms of a fresh or random model are all ones. The manifest records both so the
+    weights can be read back by name (`weights_from_mlpackage`)."""
+    import hashlib
+
+    floats, grids = carried_weights(model)
+    groups: dict[bytes, list[str]] = {}
+    constants: dict[str, float] = {}
+    for name in floats:
+        digest = hashlib.sha256()
+        if name in grids:
+            grid = grids[name]
+            for part in (grid.codes, grid.scales.astype(np.float16), grid.offsets):
+                digest.update(b"-" if part is None else np.ascontiguousarray(part).tobytes())
+        else:
+            value = floats[name].to(torch.float16)
+            if bool((value == value.flatten()[0]).all()):
+                constants[name] = float(value.flatten()[0])
+                continue
+            digest.update(value.numpy().tobytes())
+        groups.setdefault(digest.digest(), []).append(name)
+    return [names for names in groups.values() if len(names) > 1], constants
+
+
 def build_package(
     model: CausalLM, path: Path, max_context: int, prefill: int, deployment: str = "iOS18",
     step: Steps = SILENT, metadata: dict[str, str] | None = None,
@@ -497,7 +560,9 @@ def build_package(
     kinds: dict[str, int] = {}
     for kind in carried.values():
         kinds[kind] = kinds.get(kind, 0) + 1
-    return {"functions": functions, "weights": kinds, "ane_report": reports, "metadata": meta}
+    groups, constants = equal_weights(model)
+    return {"functions": functions, "weights": kinds, "ane_report": reports, "metadata": meta,
+            "equal_weights": groups, "constant_weights": constants}
 
 
 # ------------------------------------------------------------------------------ swift-transformers contract
@@ -737,5 +802,7 @@ def export_coreml(request: ExportRequest) -> dict[str, Any]:
         "minimum_deployment_target": deployment,
         "compute_precision": "float16",
         "weights": info["weights"],
+        "equal_weights": info["equal_weights"],  # stored once under the first name (see `equal_weights`)
+        "constant_weights": info["constant_weights"],  # one value everywhere: may be no constant at all
         "ane_report": info["ane_report"],
     }

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -55,39 +56,59 @@ class CoreMLDecoder:
         return np.asarray(out[LOGITS], dtype=np.float32)[0]
 
 
-def weights_from_mlpackage(path: Path, config: Any) -> dict[str, Any]:
-    """The program's weights as a Hugging Face-named fp32 state dict (int4/int8 constants dequantized)."""
+def weights_from_mlpackage(
+    path: Path, config: Any, backend: Mapping[str, Any] | None = None, dtype: Any = None
+) -> Mapping[str, Any]:
+    """The program's weights as a Hugging Face-named state dict in `dtype` (default float32; int4/int8 constants
+    dequantized), each read when accessed: a model built from it piece by piece never holds a second copy (a
+    1.5B student's fp32 weights are 7.1 GB).
+
+    `backend`: the manifest's section, for the weights the package does not hold under their own names
+    (exporters/coreml.py, `equal_weights`): `equal_weights` groups (an absent member takes the value found under
+    another) and `constant_weights` (one value everywhere)."""
     import coremltools as ct
     import torch
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_to_pymil
 
+    from edgepack.intake.weights import LazyWeights
     from edgepack.model import CausalLM
 
+    dtype = dtype or torch.float32
     model = ct.models.MLModel(str(path), skip_model_load=True)
     spec = model.get_spec()
     prog = milproto_to_pymil(
         model_spec=spec, specification_version=spec.specificationVersion, file_weights_dir=model.weights_dir
     )
     with torch.device("meta"):
-        names = [name for name, _ in CausalLM(config, 1).named_parameters()]
-    wanted = {"p_lm_" + n.replace(".", "_"): n for n in names}
+        shapes = {name: tuple(p.shape) for name, p in CausalLM(config, 1).named_parameters()}
+    wanted = {"p_lm_" + n.replace(".", "_"): n for n in shapes}
     if config.tie_word_embeddings:
         wanted["p_lm_lm_head_weight"] = "model.embed_tokens.weight"
     function = prog.functions.get(MAIN) or next(iter(prog.functions.values()))
-    state: dict[str, torch.Tensor] = {}
-    for op in function.operations:
-        if op.op_type != "const" and not op.op_type.startswith("constexpr_"):
-            continue
-        base = op.name.removesuffix("_quantized").removesuffix("_to_fp16")
-        if base not in wanted:
-            continue
+
+    def read(op: Any) -> torch.Tensor:
         value = op.outputs[0].val if op.op_type == "const" else op.materialized_val_inference()
         value = value[0] if isinstance(value, tuple) else value
-        state[wanted[base]] = torch.from_numpy(np.asarray(value, dtype=np.float32).copy())
-    missing = sorted(set(names) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
+        return torch.from_numpy(np.array(value)).to(dtype)
+
+    readers: dict[str, Any] = {}
+    for op in function.operations:
+        base = op.name.removesuffix("_quantized").removesuffix("_to_fp16")
+        if (op.op_type == "const" or op.op_type.startswith("constexpr_")) and base in wanted:
+            readers[wanted[base]] = lambda op=op: read(op)
+    backend = backend or {}
+    for name, value in backend.get("constant_weights", {}).items():
+        if name not in readers and name in shapes:
+            readers[name] = lambda shape=shapes[name], v=float(value): torch.full(shape, v, dtype=dtype)
+    for group in backend.get("equal_weights", []):
+        found = next((readers[name] for name in group if name in readers), None)
+        for name in group:
+            if found is not None and name not in readers:
+                readers[name] = found
+    missing = sorted(set(shapes) - set(readers) - ({"lm_head.weight"} if config.tie_word_embeddings else set()))
     if missing:
         raise EdgepackError(f"{path.name} lacks weights {missing[:3]}", "re-export the bundle with this edgepack")
-    return state
+    return LazyWeights(readers)
 
 
 @register_backend("coreml")

@@ -56,9 +56,14 @@ def open_reference(bundle_dir: Path, manifest: dict[str, Any]) -> TorchDecoder:
     program = bundle_file(bundle_dir, manifest, manifest["backend"]["program"])
     config = ModelConfig(**manifest["model"]["config"])
     if program.suffix == ".mlpackage":
+        import torch
+
         from edgepack.runtime.coreml_backend import weights_from_mlpackage
 
-        model = build_model(config, weights_from_mlpackage(program, config), max_context=int(manifest["context_length"]))
+        # In the package's own compute precision (Core ML: fp16), which also halves the host check's memory.
+        dtype = torch.float16 if manifest["backend"].get("compute_precision") == "float16" else torch.float32
+        weights = weights_from_mlpackage(program, config, manifest["backend"], dtype)
+        model = build_model(config, weights, max_context=int(manifest["context_length"]), dtype=dtype)
         return TorchDecoder(model, max_prefill_chunk=manifest["backend"].get("max_prefill"))
     if program.suffix != ".safetensors":
         raise EdgepackError(

@@ -252,6 +252,30 @@ def test_weights_read_back_are_the_presets_quantized_weights(package, quantized)
     assert q.bits == 4 and q.codes.min() >= -8 and q.codes.max() <= 7 and q.block == 32
 
 
+def test_weights_not_stored_under_their_own_names_are_read_back(quantized, tmp_path):
+    """coremltools stores equal constants once and drops a multiplication by ones (a fresh model's norms): the
+    package records both and every name reads back (seen on a random 1.5B: 'lacks weights ...layernorm')."""
+    model = copy.deepcopy(quantized)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("input_layernorm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("post_attention_layernorm.weight"):
+                param.copy_(model.model.layers[0].post_attention_layernorm.weight)
+    path = tmp_path / "model.mlpackage"
+    info = build_package(model, path, CONTEXT, 1)
+    names = [n for n, _ in model.named_parameters()]
+    ones = sorted(n for n in names if n.endswith("input_layernorm.weight"))
+    assert info["constant_weights"] == {n: 1.0 for n in ones}
+    assert sorted(n for n in names if n.endswith("post_attention_layernorm.weight")) in info["equal_weights"]
+    back = weights_from_mlpackage(path, model.config, info)
+    floats, _ = carried_weights(model)
+    for name in floats:
+        np.testing.assert_allclose(back[name].numpy(), floats[name].numpy(), rtol=1e-3, atol=1e-3 * floats[name].abs().max().item())
+    with pytest.raises(EdgepackError, match="lacks weights"):
+        weights_from_mlpackage(path, model.config)  # without the manifest's records, names are missing
+
+
 def test_linux_refuses_prediction_with_a_pointer_to_the_reference_backend(package, tmp_path):
     if sys.platform == "darwin":
         pytest.skip("Core ML predicts on macOS")
