@@ -231,3 +231,50 @@ _INT8_DECODERS = {
     "Q5_K": _decode_q5_k,
     "Q6_K": _decode_q6_k,
 }
+
+
+@dataclass
+class TernaryBlocks:
+    """w[r, c] = scales[r, c // block] * codes[r, c], codes in {-1, 0, 1}: BitNet b1.58 weights, exactly.
+
+    Kept apart from `CarriedBlocks` (not in `gguf_blocks`): no int4/int8 exporter reads them; a ternary preset
+    can carry them as they are. A Hugging Face checkpoint has one scale per matrix (block = cols, the same scale
+    on every row: transformers' `weight_scale`); llama.cpp's TQ1_0/TQ2_0 one fp16 scale per 256 inputs."""
+
+    codes: torch.Tensor  # int8 [rows, cols], values in {-1, 0, 1}
+    scales: torch.Tensor  # float32 [rows, cols // block]
+    block: int
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        w = self.codes.view(rows, cols // self.block, self.block).float() * self.scales[..., None]
+        return w.reshape(rows, cols)
+
+    def map_rows(self, fn) -> "TernaryBlocks":
+        return TernaryBlocks(fn(self.codes), fn(self.scales), self.block)
+
+    @classmethod
+    def per_matrix(cls, codes: torch.Tensor, scale: float) -> "TernaryBlocks":
+        """One scale for the whole matrix, as transformers' BitNet linears hold it."""
+        rows, cols = codes.shape
+        return cls(codes.to(torch.int8), torch.full((rows, 1), scale, dtype=torch.float32), cols)
+
+
+TERNARY_TYPES = {"TQ1_0", "TQ2_0"}
+TERNARY_BLOCK = 256  # QK_K
+
+
+def decode_ternary(raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> TernaryBlocks:
+    """llama.cpp's TQ1_0 / TQ2_0 as codes and per-256 scales. gguf-py dequantizes (d * q, exact in float32); each
+    block's fp16 d is its last two bytes (both layouts end with it), and q = value / d recovers the codes."""
+    import gguf  # the GGUF reader's dependency, only needed for GGUF students
+
+    rows, cols = shape
+    qtype = gguf.GGMLQuantizationType[type_name]
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // TERNARY_BLOCK, -1)
+    d = blocks[..., -2:].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, cols // 256]
+    values = gguf.quants.dequantize(blocks.reshape(rows, -1), qtype).reshape(rows, cols // TERNARY_BLOCK, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(d[..., None] != 0, values / d[..., None], 0.0)
+    return TernaryBlocks(torch.from_numpy(codes.astype(np.int8).reshape(rows, cols)), torch.from_numpy(d),
+                         TERNARY_BLOCK)

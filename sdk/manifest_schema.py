@@ -82,7 +82,7 @@ class ModelConfigSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    architecture: Literal["llama", "qwen2"]
+    architecture: Literal["llama", "qwen2", "bitnet"]
     vocab_size: Annotated[StrictInt, Field(gt=0, le=MAX_VOCAB)]
     hidden_size: Positive
     intermediate_size: Positive
@@ -96,6 +96,8 @@ class ModelConfigSection(BaseModel):
     attention_bias: StrictBool
     max_position_embeddings: Annotated[StrictInt, Field(gt=0)]
     rope_scaling: dict[StrictStr, Any] | None = None
+    hidden_act: Literal["silu", "relu2"] = "silu"  # BitNet b1.58: relu2 (left out of a Llama/Qwen2 manifest)
+    int8_activations: StrictBool = False  # BitNet b1.58's int8 absmax activations
 
 
 class ModelSection(_Section):
@@ -133,6 +135,8 @@ class BackendSection(_Section):
     cpu: CpuSection | None = None
     npu: NpuSection | None = None
     genai_config: RelPath | None = None
+    equal_weights: list[list[StrictStr]] | None = None  # Core ML: names whose equal values are stored once
+    constant_weights: dict[StrictStr, Annotated[float, Field(allow_inf_nan=False)]] | None = None  # Core ML
 
     @model_validator(mode="after")
     def _what_each_backend_reads(self) -> "BackendSection":

@@ -1,9 +1,16 @@
-"""The decoder-only transformer that every exporter lowers: Llama and Qwen2 in one export-friendly definition.
+"""The decoder-only transformer that every exporter lowers: Llama, Qwen2 and BitNet b1.58 in one export-friendly
+definition.
 
 Why our own and not transformers': exporters need a static-shape KV cache living in buffers, a single
 `forward(tokens, input_pos)` signature and no Python branches on tensor values, and backends swap the
 attention pieces (`kv_cache`, `sdpa`) for their own kernels. Parameter names follow Hugging Face's, so a
 checkpoint's state dict loads as it is.
+
+BitNet b1.58 as transformers 5 runs it (`modeling_bitnet.py`): Llama's layout plus two RMSNorms (`attn_sub_norm`
+before o_proj, `ffn_sub_norm` before down_proj), a squared-ReLU gate, and o_proj biased like q/k/v. A checkpoint
+with `quantization_config` bitnet runs every layer linear on int8 absmax per-token activations
+(`int8_activations`); its ternary weights reach this module already multiplied by their scale (the intake does
+that, sdk/intake/bitnet.py), so the weights here are plain float matrices.
 """
 
 from __future__ import annotations
@@ -20,8 +27,18 @@ from torch import nn
 from edgepack.errors import EdgepackError
 
 # Hugging Face `architectures` / `model_type` values we understand, mapped to our family name.
-SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "BitNetForCausalLM": "bitnet"}
+SUPPORTED_MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "bitnet": "bitnet"}
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """transformers' "relu2" (a named function, not a lambda: a parked model is pickled with `torch.save`)."""
+    return F.relu(x).square()
+
+
+# The gated MLP's activation by config.json's `hidden_act` name. Llama and Qwen2 are always SiLU; BitNet b1.58 is
+# squared ReLU (transformers' "relu2"); llama.cpp's `bitnet` GGUFs say so in `bitnet.hidden_activation`, SiLU if not.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu2": relu_squared}
 # config.json's name for each ModelConfig field that is spelled differently there.
 HF_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads"}
 # Whole-number fields and their sane range. The upper ends lie far above any real model (Llama 3.1 405B: hidden
@@ -64,7 +81,7 @@ class ModelConfig:
     manifest): every later step (fit check, module, exporters) may trust the numbers.
     """
 
-    architecture: str  # "llama" or "qwen2"
+    architecture: str  # "llama", "qwen2" or "bitnet"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -78,6 +95,10 @@ class ModelConfig:
     attention_bias: bool  # Qwen2 has biases on q/k/v
     max_position_embeddings: int
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    hidden_act: str = "silu"  # a key of ACTIVATIONS
+    # Each layer linear reads its input rounded to int8 per token (absmax), as transformers' BitLinear /
+    # AutoBitLinear do for a `quantization_config` bitnet checkpoint. The output layer never does.
+    int8_activations: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -86,7 +107,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face config.json; anything outside Llama/Qwen2 is a clear error, a missing key a
+        """Read a Hugging Face config.json; anything outside Llama/Qwen2/BitNet is a clear error, a missing key a
         KeyError (the caller knows the file). Values pass through unconverted so `__post_init__` judges them."""
         family = _family_of(cfg)
         # transformers 5 writes rope scaling (and theta) as `rope_parameters`; older configs as `rope_scaling`.
@@ -102,6 +123,8 @@ class ModelConfig:
         parameters = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
         hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
         kv_heads, head_dim = cfg.get("num_key_value_heads"), cfg.get("head_dim")
+        # What transformers assumes for a key the file leaves out: BitNetConfig's own defaults differ from Llama's.
+        theta, eps = (500000.0, 1e-5) if family == "bitnet" else (10000.0, 1e-6)
         return cls(
             architecture=family,
             vocab_size=cfg["vocab_size"],
@@ -111,16 +134,23 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=heads if kv_heads is None else kv_heads,
             head_dim=_quotient(hidden, heads) if head_dim is None else head_dim,
-            rope_theta=cfg.get("rope_theta", parameters.get("rope_theta", 10000.0)),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", parameters.get("rope_theta", theta)),
+            rms_norm_eps=cfg.get("rms_norm_eps", eps),
             tie_word_embeddings=_flag(cfg.get("tie_word_embeddings")),
             attention_bias=family == "qwen2" or _flag(cfg.get("attention_bias")),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             rope_scaling=scaling if kind == "llama3" else None,
+            hidden_act=cfg.get("hidden_act", "relu2") if family == "bitnet" else "silu",
+            int8_activations=_bitnet_quantized(cfg),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As data, the BitNet-only fields left out at their defaults: Llama/Qwen2 manifests stay as they were."""
+        data = asdict(self)
+        for name in ("hidden_act", "int8_activations"):
+            if data[name] == ModelConfig.__dataclass_fields__[name].default:
+                del data[name]
+        return data
 
     def num_parameters(self) -> int:
         """Parameter count as the checkpoint stores it (a tied embedding counted once)."""
@@ -129,6 +159,8 @@ class ModelConfig:
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
         mlp = 3 * h * self.intermediate_size
         per_layer = attn + mlp + 2 * h
+        if self.architecture == "bitnet":  # the sub-norms, and o_proj's bias
+            per_layer += h + self.intermediate_size + (h if self.attention_bias else 0)
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else embed
         return self.num_layers * per_layer + embed + head + h
@@ -152,7 +184,11 @@ def _validate(cfg: ModelConfig) -> None:
         raise ConfigError("head_dim", cfg.head_dim, "not even (RoPE rotates pairs of channels)")
     _check_positive("rope_theta", cfg.rope_theta)
     _check_positive("rms_norm_eps", cfg.rms_norm_eps, below=1.0)
-    for name in ("tie_word_embeddings", "attention_bias"):
+    if not isinstance(cfg.hidden_act, str) or cfg.hidden_act not in ACTIVATIONS:
+        raise ConfigError("hidden_act", cfg.hidden_act, f"not one of {', '.join(ACTIVATIONS)}")
+    if cfg.architecture != "bitnet" and cfg.hidden_act != "silu":
+        raise ConfigError("hidden_act", cfg.hidden_act, f"where {cfg.architecture} is always 'silu'")
+    for name in ("tie_word_embeddings", "attention_bias", "int8_activations"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(name, getattr(cfg, name), "not true or false")
     if cfg.rope_scaling is not None:
@@ -187,6 +223,13 @@ def _is_whole(value: Any) -> bool:
 def _quotient(hidden: Any, heads: Any) -> Any:
     """hidden // heads when both are usable; otherwise a placeholder that validation reports after them."""
     return hidden // heads if _is_whole(hidden) and _is_whole(heads) and heads > 0 else 0
+
+
+def _bitnet_quantized(cfg: dict[str, Any]) -> bool:
+    """Whether transformers would swap the layer linears for BitNet's (int8 activations): `quantization_config`
+    with quant_method "bitnet". The form of the stored weights is the intake's business (intake/bitnet.py)."""
+    quantization = cfg.get("quantization_config")
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "bitnet"
 
 
 def _flag(value: Any) -> Any:
@@ -281,6 +324,32 @@ class SDPA(nn.Module):
         return out.transpose(1, 2).reshape(1, seq, self.num_heads * self.head_dim)
 
 
+class Int8Activations(nn.Module):
+    """BitNet b1.58's activation rounding: each token's vector to int8 by its absmax, back in the input dtype.
+
+    The same float operations as transformers' `ActQuant` (round in fp32, scale clamped at 1e-5), so the codes
+    match theirs; no branch on values, so it exports. Stateless: one instance serves every linear of a block."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        scale = 127 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-5)
+        return ((xf * scale).round().clamp(-128, 127) / scale).to(x.dtype)
+
+
+def _int8_inputs(cfg: ModelConfig) -> Int8Activations | None:
+    """The rounding a block's linears read their inputs through; None (no module at all) for a float model."""
+    return Int8Activations() if cfg.int8_activations else None
+
+
+def _sub_norm(cfg: ModelConfig, dim: int) -> RMSNorm | None:
+    """BitNet's extra norm before a block's last linear; None for Llama and Qwen2 (their module tree unchanged)."""
+    return RMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture == "bitnet" else None
+
+
+def _through(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, max_context: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -289,18 +358,23 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=cfg.attention_bias)
         self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        # transformers' BitNet biases o_proj with q/k/v; Qwen2 never does (and our Llama follows it).
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=cfg.attention_bias and cfg.architecture == "bitnet")
         self.kv_cache = KVCache(max_context, cfg.num_kv_heads, d, dtype)
         self.sdpa = SDPA(cfg.num_heads, cfg.num_kv_heads, d)
+        self.attn_sub_norm = _sub_norm(cfg, h)
+        self.int8_inputs = _int8_inputs(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         seq = x.shape[1]
+        x = _through(self.int8_inputs, x)
         q = self.q_proj(x).view(1, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(1, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(1, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = self.kv_cache.update(start, k, v)
-        return self.o_proj(self.sdpa(q, k_all, v_all, start))
+        out = _through(self.attn_sub_norm, self.sdpa(q, k_all, v_all, start))
+        return self.o_proj(_through(self.int8_inputs, out))
 
 
 class MLP(nn.Module):
@@ -309,9 +383,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.ffn_sub_norm = _sub_norm(cfg, cfg.intermediate_size)
+        self.int8_inputs = _int8_inputs(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = _through(self.int8_inputs, x)
+        hidden = _through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_through(self.int8_inputs, hidden))
 
 
 class DecoderLayer(nn.Module):
@@ -507,7 +586,7 @@ def build_model(
         raise EdgepackError(
             f"checkpoint does not match the {cfg.architecture} layout "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
-            "pass an unmodified Llama or Qwen2 checkpoint",
+            "pass an unmodified Llama, Qwen2 or BitNet checkpoint",
         )
     model.inv_freq = rope_frequencies(cfg)
     for prefix, piece in model_pieces(model):

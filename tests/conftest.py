@@ -115,3 +115,62 @@ def default_coreml_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "coreml"
     run_export(plan_export(None, "iphone-16-pro", output=out))
     return out
+
+
+GGUF_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def add_gguf_tokenizer(writer, vocab_size: int) -> None:
+    """A GPT-2 byte-level BPE vocabulary in a GGUF being written: 3 specials (bos 1, eos 2), the 256 byte
+    characters, two merges ("Ġt", "he"), then filler tokens up to `vocab_size`."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tokens = GGUF_SPECIALS + list(bytes_to_unicode().values()) + ["Ġt", "he"]
+    tokens += [f"<extra_{i}>" for i in range(vocab_size - len(tokens))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+
+# Hugging Face -> GGUF tensor names (llama.cpp's convert_hf_to_gguf), for the GGUFs the tests write.
+GGUF_LAYER_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",  # BitNet b1.58
+}  # fmt: skip
+GGUF_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                  "lm_head.weight": "output.weight"}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in GGUF_TOP_NAMES:
+        return GGUF_TOP_NAMES[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+def gguf_writer(path, arch: str, cfg):
+    """A GGUF writer for a transformers config: the shape, RoPE and norm keys llama.cpp's converter writes, and
+    a byte-level BPE vocabulary of `cfg.vocab_size` tokens (`add_gguf_tokenizer`). Tensors are the caller's."""
+    import gguf
+
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    add_gguf_tokenizer(writer, cfg.vocab_size)
+    return writer

@@ -583,7 +583,7 @@ SCHEMA_CASES = [
     ("num_heads zero", _set(0, "model", "config", "num_heads"), "field model.config.num_heads"),
     ("rope_theta NaN", _set(float("nan"), "model", "config", "rope_theta"), "field model.config.rope_theta: input should be a finite number"),
     ("bool for a flag given as 1", _set(1, "model", "config", "tie_word_embeddings"), "field model.config.tie_word_embeddings"),
-    ("unknown config key", _set(1, "model", "config", "hidden_act"), "field model.config.hidden_act is not one this edgepack knows"),
+    ("unknown config key", _set(1, "model", "config", "sliding_window"), "field model.config.sliding_window is not one this edgepack knows"),
     ("unknown architecture", _set("gpt2", "model", "config", "architecture"), "field model.config.architecture"),
     ("top_p above 1", _set({"top_p": 2.0}, "generation"), "field generation.top_p"),
 ]

@@ -17,11 +17,12 @@ import torch
 import transformers
 from tokenizers import Tokenizer
 from transformers import LlamaConfig, Qwen2Config
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from edgepack import intake
 from edgepack.errors import EdgepackError, UsageError
 from edgepack.intake import Student, default_model_path, load_student
+
+from conftest import gguf_name, gguf_writer
 
 
 def error_of(source: str | None) -> EdgepackError:
@@ -92,24 +93,6 @@ def test_default_model_missing_package_is_explained(monkeypatch: pytest.MonkeyPa
 
 # --- tiny GGUFs written as convert_hf_to_gguf.py writes them -----------------------------------------------
 
-LAYER_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-
-
-def gguf_name(hf_name: str) -> str:
-    if hf_name in TOP_NAMES:
-        return TOP_NAMES[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{LAYER_NAMES[module]}.{kind}"
-
-
 def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
     """convert_hf_to_gguf's q/k row order for llama."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -139,28 +122,7 @@ def write_gguf(
     qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
 ) -> Path:
     """A GGUF of a transformers model with a byte-level BPE vocabulary of `cfg.vocab_size` tokens."""
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(cfg.num_attention_heads)
-    writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_key_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    byte_chars = list(bytes_to_unicode().values())
-    merged = ["Ġt", "he"]
-    tokens = SPECIALS + byte_chars + merged + [f"<extra_{i}>" for i in range(cfg.vocab_size - 261)]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] * 3 + [1] * (len(tokens) - 3))
-    writer.add_token_merges(["Ġ t", "h e"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer = gguf_writer(path, arch, cfg)
     writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     for name, tensor in state_dict.items():
         w = tensor.numpy()
@@ -172,6 +134,7 @@ def write_gguf(
             writer.add_tensor(gguf_name(name), np.ascontiguousarray(w))
     params = cfg.rope_parameters
     if params.get("rope_type") == "llama3":
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         writer.add_tensor("rope_freqs.weight", llama3_rope_factors(params["rope_theta"], head_dim, params))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

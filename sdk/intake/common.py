@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from edgepack.blocks import CarriedBlocks
+from edgepack.blocks import CarriedBlocks, TernaryBlocks
 from edgepack.errors import EdgepackError
 from edgepack.model import HF_KEYS, CausalLM, ConfigError, ModelConfig
 
@@ -40,6 +40,9 @@ class Student:
     # GGUF matrices decoded exactly (sdk/blocks.py): Q4_0/Q4_1/Q4_K as Int4Blocks, Q5_0/Q5_1/Q5_K/Q6_K/Q8_0 as
     # Int8Blocks (rows in HF order), for exporters that can keep them; read when accessed, like `state_dict`.
     gguf_blocks: Mapping[str, CarriedBlocks] = field(default_factory=dict, repr=False)
+    # BitNet b1.58 layer linears as exact ternary codes and scales (sdk/blocks.py), for a ternary preset: from a
+    # Hugging Face checkpoint's packed weights or a GGUF's TQ1_0/TQ2_0 tensors; `state_dict` holds their product.
+    ternary_blocks: Mapping[str, TernaryBlocks] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, name: str, source: str, config: ModelConfig, state_dict: Mapping[str, torch.Tensor],
@@ -96,7 +99,7 @@ def check_layout(config: ModelConfig, shapes: dict[str, tuple[int, ...]], source
         return
     raise EdgepackError(
         f"the weights in {source} do not match its {config.architecture} config ({detail})",
-        "pass an unmodified Llama or Qwen2 checkpoint",
+        "pass an unmodified Llama, Qwen2 or BitNet checkpoint",
     )
 
 

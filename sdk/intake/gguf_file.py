@@ -46,10 +46,12 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_sub_norm": "self_attn.attn_sub_norm",  # bitnet
+    "ffn_sub_norm": "mlp.ffn_sub_norm",  # bitnet
 }
 _GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_LAYER = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
-_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "bitnet": "BitNetForCausalLM"}
 _ROPE_FREQS = "rope_freqs.weight"  # Llama 3 scaling factors, folded into the config rather than the weights
 
 
@@ -79,6 +81,11 @@ def load_gguf(path: Path, source: str | None = None) -> Student:
             hf: (lambda t=tensors[name], hf=hf: _gguf_blocks(t, hf, config))
             for name, hf in hf_names.items()
             if blocks.supports(tensors[name].tensor_type.name) and len(_torch_shape(tensors[name])) == 2
+        }),
+        ternary_blocks=LazyWeights({
+            hf: (lambda t=tensors[name]: blocks.decode_ternary(t.data, t.tensor_type.name, _torch_shape(t)))
+            for name, hf in hf_names.items()
+            if tensors[name].tensor_type.name in blocks.TERNARY_TYPES and len(_torch_shape(tensors[name])) == 2
         }),
     )
 
@@ -229,8 +236,29 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
         raise EdgepackError(f"GGUF file {path} is truncated ({exc})", "download it again") from None
     except _Refused as exc:
         raise EdgepackError(f"GGUF file {path} {exc}", GGUF_FIX) from None
-    except (ValueError, KeyError, IndexError, TypeError, OverflowError, OSError) as exc:
+    except ValueError as exc:
+        unknown = _UNKNOWN_TYPE.fullmatch(str(exc))
+        if unknown:  # a type newer (or other) than gguf-py knows, e.g. bitnet.cpp's I2_S
+            raise EdgepackError(
+                f"GGUF file {path} stores a tensor as ggml type {unknown.group(1)}, which gguf-py "
+                f"{_gguf_version()} does not know (bitnet.cpp's I2_S files are such)",
+                "convert the checkpoint with llama.cpp's convert_hf_to_gguf.py (--outtype f16, q8_0, tq1_0 or tq2_0)",
+            ) from None
         raise EdgepackError(f"GGUF file {path} is corrupt ({first_line(exc)})", "download it again") from None
+    except (KeyError, IndexError, TypeError, OverflowError, OSError) as exc:
+        raise EdgepackError(f"GGUF file {path} is corrupt ({first_line(exc)})", "download it again") from None
+
+
+_UNKNOWN_TYPE = re.compile(r"(?:np\.uint32\()?(\d+)\)? is not a valid GGMLQuantizationType")
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gguf")
+    except PackageNotFoundError:
+        return "(unknown version)"
 
 
 class Metadata:
@@ -317,6 +345,7 @@ def _gguf_key_names(arch: str) -> dict[str, str]:
         "rope_theta": f"{arch}.rope.freq_base",
         "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
         "max_position_embeddings": f"{arch}.context_length",
+        "hidden_act": f"{arch}.hidden_activation",
     }
 
 
@@ -350,6 +379,8 @@ def gguf_config(meta: Metadata, tensors: dict[str, Any], path: Path) -> ModelCon
         attention_bias="blk.0.attn_q.bias" in tensors,
         max_position_embeddings=meta.integer(f"{arch}.context_length", 2048),
     )
+    if arch == "bitnet":  # llama.cpp reads the activation from here and falls back to SiLU (older bitnet files)
+        hf["hidden_act"] = meta.text(f"{arch}.hidden_activation") or "silu"
     where, names = f"GGUF file {path}", _gguf_key_names(arch)
     config = config_from_hf(hf, where, names, GGUF_FIX)  # validated before anything is computed from it
     if meta.integer(f"{arch}.rope.dimension_count", config.head_dim) != config.head_dim:
@@ -371,6 +402,8 @@ def _gguf_rope_scaling(
     stored factors, so an unusual file is refused rather than silently mis-rotated.
     """
     kind = meta.get(f"{arch}.rope.scaling.type")
+    if kind == "linear" and meta.get(f"{arch}.rope.scaling.factor") == 1.0:
+        kind = None  # no scaling at all: llama.cpp's BitNet converter writes exactly this
     if kind not in (None, "none"):  # linear, yarn...: ModelConfig.from_hf refuses them with its own message
         return {"rope_type": kind, "factor": meta.get(f"{arch}.rope.scaling.factor")}
     if rope_freqs is None:
@@ -404,8 +437,8 @@ def _hf_name(gguf_name: str, path: Path) -> str:
     if base in _GGUF_TOP_NAMES and kind == "weight":
         return f"{_GGUF_TOP_NAMES[base]}.weight"
     raise EdgepackError(
-        f"GGUF file {path} has a tensor {gguf_name} that a Llama/Qwen2 model does not have",
-        "pass an unmodified llama or qwen2 GGUF",
+        f"GGUF file {path} has a tensor {gguf_name} that a Llama/Qwen2/BitNet model does not have",
+        "pass an unmodified llama, qwen2 or bitnet GGUF",
     )
 
 
@@ -437,7 +470,7 @@ def _check_type(tensor: Any, path: Path) -> None:
 def _unreadable(tensor: Any, path: Path) -> EdgepackError:
     return EdgepackError(
         f"GGUF file {path} stores {tensor.name} as {tensor.tensor_type.name}, which edgepack cannot dequantize",
-        "use a file quantized as F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 or a K-quant",
+        "use a file quantized as F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, a K-quant, TQ1_0 or TQ2_0",
     )
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from edgepack.errors import EdgepackError
+from edgepack.intake.bitnet import bitnet_form
 from edgepack.intake.common import (
     Student,
     TokenizerFiles,
@@ -35,12 +36,18 @@ def load_folder(folder: Path, source: str | None = None, name: str | None = None
             "pass a Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json) or a .gguf file",
         )
     hf_config = read_json(folder / "config.json")
-    config = config_from_hf(hf_config, f"config.json in {folder}")
+    where = f"config.json in {folder}"
+    config = config_from_hf(hf_config, where)
+    bitnet = bitnet_form(hf_config, where)  # None unless the linears are stored as BitNet's ternary forms
     weight_files = _safetensors_files(folder)
-    check_layout(config, _safetensors_shapes(weight_files), source)
+    shapes, dtypes = _safetensors_headers(weight_files)
+    check_layout(config, bitnet.logical_shapes(shapes, dtypes) if bitnet else shapes, source)
     tokenizer = _folder_tokenizer(folder, hf_config, config, source)
     state_dict = _lazy_safetensors(weight_files, skip={"lm_head.weight"} if config.tie_word_embeddings else set())
-    return Student.of(name or folder.resolve().name, source, config, state_dict, tokenizer)
+    if bitnet is None:
+        return Student.of(name or folder.resolve().name, source, config, state_dict, tokenizer)
+    state_dict, ternary = bitnet.weights(state_dict, dtypes)
+    return Student.of(name or folder.resolve().name, source, config, state_dict, tokenizer, ternary_blocks=ternary)
 
 
 
@@ -69,12 +76,17 @@ def _safetensors_files(folder: Path) -> list[Path]:
     raise EdgepackError(f"folder {folder} has no *.safetensors weights", "pass a complete checkpoint folder")
 
 
-def _safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Names and shapes from the headers alone, so a mismatched checkpoint is rejected before it is read."""
+def _safetensors_headers(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Names, shapes and dtypes ("F32", "U8"...) from the headers alone, so a mismatched checkpoint is rejected
+    before it is read."""
     shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
     for reader in _open_safetensors(files):
-        shapes.update({k: tuple(reader.get_slice(k).get_shape()) for k in reader.keys() if not _ignored(k)})
-    return shapes
+        for key in reader.keys():
+            if not _ignored(key):
+                found = reader.get_slice(key)
+                shapes[key], dtypes[key] = tuple(found.get_shape()), found.get_dtype()
+    return shapes, dtypes
 
 
 def _lazy_safetensors(files: list[Path], skip: set[str]) -> LazyWeights[torch.Tensor]:
