@@ -20,7 +20,7 @@ from edgepack.progress import SILENT, Steps
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from edgepack.blocks import CarriedBlocks
+    from edgepack.blocks import CarriedBlocks, TernaryBlocks
     from edgepack.model import ModelConfig
     from edgepack.presets import QuantPreset
     from edgepack.targets import Target
@@ -41,6 +41,9 @@ class ExportRequest:
     target: "Target | None" = None
     preset: "QuantPreset | None" = None
     gguf_blocks: "Mapping[str, CarriedBlocks]" = field(default_factory=dict)
+    # BitNet b1.58 students: every layer linear's ternary codes and scales (`Student.ternary_blocks`), which the
+    # `ternary` preset stores as they are.
+    ternary_blocks: "Mapping[str, TernaryBlocks]" = field(default_factory=dict)
     model_name: str | None = None  # the Hub id when known, else the student's name (package metadata)
 
 
@@ -53,10 +56,15 @@ ExtraBytes = Callable[["ModelConfig", "Target", "str | None"], float]
 # context_limit(target, delegate): the longest context the exporter can build for this target (e.g. the NPU's
 # static graphs), or None; the plan caps its default context there and refuses a longer --max-context.
 ContextLimit = Callable[["Target", "str | None"], "int | None"]
-# same_weights(preset, gguf_blocks) -> prepare: for exporters registered with quantizes=True, the rounding they
-# apply, as a `build_model` prepare step, so the gate can run the project's torch model on the bundle's own
+# same_weights(preset, blocks) -> prepare: for exporters registered with quantizes=True, the rounding they
+# apply, as a `build_model` prepare step (`blocks`: the student's exact weights the preset builds from,
+# `quantize.carried_blocks`: its ternary codes for the ternary preset, else its GGUF blocks), so the gate can run the project's torch model on the bundle's own
 # quantized weights (lowering fidelity). Others get the preset's torchao quantizer, which is what they lower.
 SameWeights = Callable[["QuantPreset", Any], Callable[[str, Any], None]]
+# weight_bytes(config, preset) -> stored bytes by part (`fit.weight_bytes`' parts), or None: where the exporter
+# stores a preset in its own layout (e.g. ONNX's 2-bit ternary codes), so the fit check counts what it writes.
+WeightBytes = Callable[["ModelConfig", "QuantPreset"], "dict[str, float] | None"]
+_WEIGHT_BYTES: dict[str, WeightBytes] = {}
 _SAME_WEIGHTS: dict[str, SameWeights] = {}
 _EXPORTERS: dict[str, Exporter] = {}
 _CONTEXT_LIMIT: dict[str, ContextLimit] = {}
@@ -69,12 +77,12 @@ _ONE_TIED_TABLE: set[str] = set()
 def register_exporter(
     name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False,
     extra_bundle_bytes: ExtraBytes | None = None, context_limit: ContextLimit | None = None,
-    same_weights: SameWeights | None = None,
+    same_weights: SameWeights | None = None, weight_bytes: WeightBytes | None = None,
 ) -> Callable[[Exporter], Exporter]:
     """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks;
     `one_tied_table`: it stores a tied embedding and output layer as one table, so the output layer must
     stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes; `context_limit`: see ContextLimit;
-    `same_weights`: see SameWeights."""
+    `same_weights`: see SameWeights; `weight_bytes`: see WeightBytes."""
 
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
@@ -92,6 +100,8 @@ def register_exporter(
             _CONTEXT_LIMIT[name] = context_limit
         if same_weights:
             _SAME_WEIGHTS[name] = same_weights
+        if weight_bytes:
+            _WEIGHT_BYTES[name] = weight_bytes
         return fn
 
     return wrap
@@ -121,6 +131,11 @@ def preflight(name: str, target: "Target", delegate: str | None, preset: "QuantP
 def extra_bundle_bytes(name: str, config: "ModelConfig", target: "Target", delegate: str | None) -> float:
     _import_builtin_exporters()
     return _EXTRA_BYTES[name](config, target, delegate) if name in _EXTRA_BYTES else 0.0
+
+
+def stored_weight_bytes(name: str, config: "ModelConfig", preset: "QuantPreset") -> "dict[str, float] | None":
+    _import_builtin_exporters()
+    return _WEIGHT_BYTES[name](config, preset) if name in _WEIGHT_BYTES else None
 
 
 def context_limit(name: str, target: "Target", delegate: str | None) -> int | None:

@@ -10,6 +10,13 @@ fp32, and int4 as ONNX Runtime's block-32 `MatMulNBits` (GGUF Q4_0/Q4_1/Q4_K blo
 5- to 8-bit tensors, Q5_0/Q5_1/Q5_K/Q6_K/Q8_0, as exact 8-bit MatMulNBits blocks: a "Q4_K_M" file keeps its mix;
 embedding and output layer int8 per block of 32, one shared table when tied). The graph itself is written by `onnx_graph.py`.
 
+The ternary preset (BitNet b1.58) stores the student's codes as 2-bit MatMulNBits (exact; `onnx_graph.py`) and rounds
+each layer linear's input to int8 per token as the model does, in plain ONNX ops. MatMulNBits runs at level 4 (its
+int8 kernel; level 0 dequantizes the 2-bit matrix on every call in ORT 1.32, ~260x slower), fed the integer codes
+in anchored blocks so that its own int8 rounding changes nothing (`onnx_graph._anchored`): the matmul is exact. A
+student whose rows mix scales (a GGUF with differing TQ block scales), or without int8 activations (GGUF BitNets),
+is rounded again per block by ORT, as the int4 model is (counted in the manifest: `ternary_rerounded`).
+
 The int4 model computes at MatMulNBits accuracy level 4 (activations rounded to int8 per block, as
 llama.cpp's Q4 x Q8 dot products and onnxruntime-genai's CPU builds do): the fp32 path (level 0) is exact
 but has no fast single-row kernel, and the 8-bit 49152-row output layer alone took 238 of 314 ms per
@@ -26,9 +33,11 @@ from edgepack.errors import EdgepackError, UsageError
 from edgepack.exporters import ExportRequest, register_exporter
 
 CPU_PROGRAM = "model.onnx"
+GENAI_TYPES = {"bitnet": "llama"}  # our architecture -> onnxruntime-genai model type, where they differ
 GENAI_CONFIG = "genai_config.json"  # makes the bundle an onnxruntime-genai model folder
-PRESET_WEIGHTS = {"fp32": "fp32", "int4": "int4"}  # edgepack preset -> onnx_graph weights flavour
-INT8_ACTIVATIONS = 4  # MatMulNBits accuracy_level of the int4 CPU model (see above)
+PRESET_WEIGHTS = {"fp32": "fp32", "int4": "int4", "ternary": "ternary"}  # edgepack preset -> onnx_graph weights flavour
+INT8_ACTIVATIONS = 4  # MatMulNBits accuracy_level of the int4 and ternary CPU models (see above)
+NPU_PRESETS = ("fp32", "int4")  # the NPU graphs are 8-bit QDQ whatever the preset; no BitNet layers there
 ORT_PIN = "onnx==1.23.2 onnxruntime==1.32.0"
 
 
@@ -48,6 +57,8 @@ def check_onnx_export(target: Any, delegate: str | None, preset: Any) -> None:
         )
     if delegate not in (None, "cpu", "qnn"):
         raise UsageError(f"unknown ONNX delegate {delegate!r}", "use --backend onnx/cpu or onnx/qnn")
+    if delegate == "qnn" and preset.name not in NPU_PRESETS:
+        raise UsageError(f"the {preset.name} preset has no ONNX NPU build", "use --backend onnx/cpu")
     require_onnx()
     if delegate == "qnn":
         from edgepack.exporters.onnx_qnn import npu_options
@@ -82,17 +93,25 @@ def npu_context(target: Any, delegate: str | None) -> int | None:
 
 
 def onnx_rounding(preset: Any, blocks: Any) -> Any:
-    """What the int4 CPU model stores, as a `build_model` prepare step: each linear as its int4 blocks of 32
-    (the student's GGUF blocks where it has them, else `int4_blocks_from_float`), the embedding and the output
-    layer as int8 blocks of 32; norms and biases in fp32. The gate runs this model against the bundle: what
-    remains is ONNX Runtime's int8 activations (accuracy level 4) and the lowering itself."""
+    """What the quantized CPU model stores, as a `build_model` prepare step: the embedding and the output layer
+    as int8 blocks of 32; each linear as its int4 blocks of 32 (int4: the student's GGUF blocks where it has
+    them, else `int4_blocks_from_float`) or as the student's ternary codes times their scales (ternary: `blocks`
+    are its `ternary_blocks`, nothing rounded); norms and biases in fp32. The gate runs this model against the
+    bundle: what remains is ONNX Runtime's int8 activations (accuracy level 4) and the lowering itself."""
     import torch
     from torch import nn
 
     from edgepack.exporters.onnx_graph import int4_blocks_from_float, int8_round_trip
 
+    weights = PRESET_WEIGHTS.get(preset.name)
+
+    def stored(key: str, module: nn.Linear) -> torch.Tensor:
+        if weights == "ternary":
+            return blocks[key].dequantize()  # the codes the graph stores; equal to the student's float weights
+        return (blocks[key] if key in blocks else int4_blocks_from_float(module.weight)).dequantize()
+
     def prepare(prefix: str, piece: nn.Module) -> None:
-        if PRESET_WEIGHTS.get(preset.name) != "int4":
+        if weights not in ("int4", "ternary"):
             return
         with torch.no_grad():
             if prefix in ("model.embed_tokens", "lm_head"):
@@ -100,15 +119,39 @@ def onnx_rounding(preset: Any, blocks: Any) -> Any:
                 return
             for name, module in piece.named_modules():
                 if isinstance(module, nn.Linear):
-                    key = f"{prefix}.{name}.weight"
-                    found = blocks[key] if key in blocks else int4_blocks_from_float(module.weight)
-                    module.weight.copy_(found.dequantize())
+                    module.weight.copy_(stored(f"{prefix}.{name}.weight", module))
 
     return prepare
 
 
+def onnx_weight_bytes(config: Any, preset: Any) -> dict[str, float] | None:
+    """Stored bytes by part of the ternary CPU model (`fit.weight_bytes`' parts), as `_ternary_linear` and
+    `_int8_table` write them: 2-bit codes with one fp32 scale per block of 128 (anchored: 127 inputs a block),
+    one int8 table per block of 32 for the embedding (shared with a tied output layer), norms and biases in
+    fp32. Other presets: None (the fit check's generic estimate, which follows ExecuTorch's layout)."""
+    from edgepack.exporters.onnx_graph import BLOCK, REAL_PER_BLOCK, TERNARY_BITS, TERNARY_BLOCK
+    from edgepack.fit import small_per_layer
+
+    if PRESET_WEIGHTS.get(preset.name) != "ternary":
+        return None
+    table = config.vocab_size * config.hidden_size * (1 + 4 / BLOCK)
+    h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    stored_cols = lambda k: -(-k // REAL_PER_BLOCK) * TERNARY_BLOCK  # noqa: E731  (anchored layout)
+    weights = (q + 2 * kv + 2 * config.intermediate_size) * stored_cols(h) + h * stored_cols(q) \
+        + h * stored_cols(config.intermediate_size)
+    codes = weights * (TERNARY_BITS / 8 + 4 / TERNARY_BLOCK)
+    parts = {
+        "layers": config.num_layers * (codes + 4 * small_per_layer(config)),
+        "embedding": table,
+        "final_norm": 4.0 * config.hidden_size,
+    }
+    if not config.tie_word_embeddings:
+        parts["lm_head"] = table
+    return parts
+
+
 @register_exporter("onnx", quantizes=True, preflight=check_onnx_export, extra_bundle_bytes=npu_bundle_bytes,
-                   context_limit=npu_context, same_weights=onnx_rounding)
+                   context_limit=npu_context, same_weights=onnx_rounding, weight_bytes=onnx_weight_bytes)
 def export_onnx(request: ExportRequest) -> dict[str, Any]:
     """Write the CPU model (and for delegate "qnn" the NPU context models); returns the backend section."""
     import onnxruntime
@@ -118,6 +161,9 @@ def export_onnx(request: ExportRequest) -> dict[str, Any]:
     if request.delegate == "qnn":
         from edgepack.exporters.onnx_qnn import check_npu_budget, export_npu, npu_options
 
+        if request.model.config.architecture == "bitnet":
+            raise UsageError("the ONNX NPU build has no BitNet layers (sub-norms, int8 activations)",
+                             "use --backend onnx/cpu")
         options = npu_options(request.target)
         check_npu_budget(request.model.config, options, request.target)  # before any long work
     cpu = write_cpu_model(request, PRESET_WEIGHTS[preset_name])
@@ -143,8 +189,8 @@ def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
     from edgepack.exporters.onnx_graph import GraphSpec, build_decoder
 
     request.step(f"write ONNX graph ({weights}), by layer", total=request.model.config.num_layers)
-    blocks = request.gguf_blocks if weights == "int4" else {}
-    level = INT8_ACTIVATIONS if weights == "int4" else 0
+    blocks = {"int4": request.gguf_blocks, "ternary": request.ternary_blocks}.get(weights, {})
+    level = INT8_ACTIVATIONS if weights in ("int4", "ternary") else 0
     carried: Counter[int] = Counter()
     proto = build_decoder(request.model, GraphSpec(weights, accuracy_level=level), blocks, carried, request.step)
     save_model(proto, request.writer.path(CPU_PROGRAM))
@@ -152,6 +198,7 @@ def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
         "program": CPU_PROGRAM,
         "weights": weights,
         "int4_block": 32 if weights == "int4" else None,
+        **(ternary_section(carried) if weights == "ternary" else {}),
         "accuracy_level": level,
         # GGUF blocks kept exactly: 4-bit types as int4 MatMulNBits, 5- to 8-bit ones (Q5_0, Q6_K, Q8_0...) as 8-bit
         "gguf_blocks_carried": carried[4] + carried[8],
@@ -160,6 +207,14 @@ def write_cpu_model(request: ExportRequest, weights: str) -> dict[str, Any]:
                   "[1,kv_heads,S,head_dim] (S = P, or one max-length buffer shared with present_*)",
         "outputs": "logits[1,T,vocab], present_key_i/present_value_i[1,kv_heads,max(S,P+T),head_dim]",
     }
+
+
+def ternary_section(carried: Counter[int]) -> dict[str, Any]:
+    """How the ternary codes are stored, for the manifest: bits, the largest MatMulNBits block, matrices carried."""
+    from edgepack.exporters.onnx_graph import TERNARY_BITS, TERNARY_BLOCK
+
+    return {"ternary_bits": TERNARY_BITS, "ternary_block": TERNARY_BLOCK, "ternary_carried": carried[TERNARY_BITS],
+            "ternary_rerounded": carried["ternary_rerounded"]}
 
 
 def genai_config(request: ExportRequest) -> dict[str, Any]:
@@ -173,7 +228,9 @@ def genai_config(request: ExportRequest) -> dict[str, Any]:
     eos = list(request.eos_ids)
     return {
         "model": {
-            "type": cfg.architecture,  # "llama" / "qwen2": genai's decoder-only LLM types
+            # "llama" / "qwen2": genai's decoder-only LLM types; a BitNet graph has the same inputs and outputs
+            # (genai runs the graph as written), so it is typed as Llama.
+            "type": GENAI_TYPES.get(cfg.architecture, cfg.architecture),
             "bos_token_id": request.bos_id if request.bos_id is not None else eos[0],
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": eos[0],

@@ -10,6 +10,12 @@ Activations are 2-D `[T, hidden]` inside (batch is always 1); the KV cache is `[
 Int4 linears: y = MatMulNBits(x, codes + 8, scales) [+ blocksum(x) @ offsets^T for asymmetric blocks]:
 exact fp32 math for GGUF Q4_0/Q4_1/Q4_K blocks (w = scale * code + offset) on ORT's fast packed kernel. GGUF's
 5- to 8-bit types (Q5_0, Q5_1, Q5_K, Q6_K, Q8_0) are carried the same way as 8-bit MatMulNBits blocks.
+
+BitNet b1.58 (`architecture` "bitnet"): squared-ReLU gate, RMSNorms before o_proj and down_proj, o_proj bias, and
+(`int8_activations`) each layer linear's input rounded to int8 per token by its absmax, written as the same float
+ops as `edgepack.model.Int8Activations` (ReduceMax, Max, Div, Mul, Round, Clip, Div: bit for bit the torch
+model's rounding). Its ternary codes ("ternary" weights) are 2-bit MatMulNBits: code + 2 against the default
+zero point 2, the scale repeated per block of `TERNARY_BLOCK`: exactly the student's weights.
 """
 
 from __future__ import annotations
@@ -22,19 +28,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, Int8Blocks
+from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, Int8Blocks, TernaryBlocks
+from edgepack.errors import EdgepackError
 from edgepack.progress import SILENT, Steps
 
 OPSET = 23  # RMSNormalization (opset 23): one fused norm op, which QNN maps to its RmsNorm
 MS_DOMAIN = "com.microsoft"
 NPU_MASK_VALUE = -80.0  # additive mask on the NPU: exp(-80) is 0 to softmax, and 16-bit QDQ keeps its step small
+# Ternary codes as 2-bit MatMulNBits, the smallest width ONNX Runtime 1.32 runs on CPU. Block 128: its int8-activation
+# kernel (accuracy level 4) takes blocks up to 128; at 256, or at level 0, ORT 1.32 dequantizes the whole matrix
+# every call (K 2560 x N 6912, one thread: 0.51 ms a token at 128 / level 4, 133 ms at 256 or level 0).
+TERNARY_BITS, TERNARY_BLOCK = 2, 128
 
 
 @dataclass(frozen=True)
 class GraphSpec:
     """Which flavour to write. `static_seq` None: the CPU graph (dynamic T, cache grows by concat)."""
 
-    weights: str  # "fp32" or "int4" (int4 linears, int8 block-32 embedding/output layer)
+    weights: str  # "fp32", "int4" (int4 linears) or "ternary" (2-bit codes); both with int8 block-32 tables
     static_seq: int | None = None  # NPU: tokens per call (prefill chunk or 1 for decode)
     static_context: int | None = None  # NPU: attention span (past = context - seq)
     accuracy_level: int = 0  # MatMulNBits compute: 0 = fp32 (exact), 4 = int8 activations (faster)
@@ -64,6 +75,19 @@ def int8_blocks(w: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return codes.to(torch.uint8).numpy(), scale.numpy().astype(np.float32)
 
 
+def ternary_block(parts: list[TernaryBlocks]) -> int:
+    """MatMulNBits' block size for ternary matrices read together: the largest power of two up to `TERNARY_BLOCK`
+    that divides every part's own block (a Hugging Face matrix's block is its whole row, llama.cpp's 256), so each
+    stored block has one of the student's scales."""
+    block = TERNARY_BLOCK
+    while block >= 16 and any(p.block % block for p in parts):
+        block //= 2
+    if block < 16:
+        raise EdgepackError(f"ternary blocks of {parts[0].block} inputs have no MatMulNBits block (16 to 128)",
+                            "use -q int4 for this student")
+    return block
+
+
 def int8_round_trip(w: torch.Tensor) -> torch.Tensor:
     """`w` as the int4 graph stores an int8 table (`int8_blocks`), back in float32."""
     codes, scales = int8_blocks(w)
@@ -74,7 +98,9 @@ class GraphBuilder:
     """Accumulates nodes and initializers; every helper returns the output name."""
 
     def __init__(self) -> None:
-        self.carried: Counter[int] = Counter()  # the student's GGUF matrices written as they are, by bits
+        # the student's GGUF (or ternary) matrices written as they are, by bits; "ternary_rerounded": ternary
+        # matmuls whose int8 input ORT rounds again (not anchored)
+        self.carried: Counter[Any] = Counter()
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self._count = 0
@@ -154,10 +180,7 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlock
         attn = _attention(g, h, state, blocks, spec, cfg, i, positions)
         x = g.op("Add", [x, attn], "resid")
         h = _rms_norm(g, x, state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
-        gate, up = _linear(g, h, state, blocks, spec, [p + "mlp.gate_proj", p + "mlp.up_proj"])
-        act = g.op("Mul", [g.op("Sigmoid", [gate]), gate], "silu")
-        down = _linear(g, g.op("Mul", [act, up]), state, blocks, spec, [p + "mlp.down_proj"])[0]
-        x = g.op("Add", [x, down], "resid")
+        x = g.op("Add", [x, _mlp(g, h, state, blocks, spec, cfg, p)], "resid")
         out_shape = [1, Hkv, spec.static_seq if static else "total", D]
         prefix = "new" if static else "present"
         for kind in ("key", "value"):
@@ -170,6 +193,50 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlock
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="edgepack", ir_version=10)
+
+
+def _mlp(g: GraphBuilder, h: str, state: Mapping, blocks: Mapping, spec: GraphSpec, cfg: Any, p: str) -> str:
+    """The gated MLP: SiLU (Llama, Qwen2) or squared ReLU (BitNet), BitNet's sub-norm and int8 inputs."""
+    gate, up = _linear(g, _int8_inputs(g, h, cfg), state, blocks, spec, [p + "mlp.gate_proj", p + "mlp.up_proj"])
+    if cfg.hidden_act == "relu2":
+        relu = g.op("Relu", [gate], "relu")
+        act = g.op("Mul", [relu, relu], "relu2")
+    else:
+        act = g.op("Mul", [g.op("Sigmoid", [gate]), gate], "silu")
+    hidden = _sub_norm(g, g.op("Mul", [act, up]), state, p + "mlp.ffn_sub_norm.weight", cfg)
+    return _linear(g, _int8_inputs(g, hidden, cfg), state, blocks, spec, [p + "mlp.down_proj"])[0]
+
+
+def _sub_norm(g: GraphBuilder, x: str, state: Mapping, name: str, cfg: Any) -> str:
+    """BitNet's RMSNorm before a block's last linear; the identity for Llama and Qwen2 (no such weight)."""
+    return _rms_norm(g, x, state[name], cfg.rms_norm_eps) if cfg.architecture == "bitnet" else x
+
+
+@dataclass(frozen=True)
+class Int8Input:
+    """A layer linear's input rounded as BitNet does: integer codes [T, K] (|code| <= 127) and the per-token
+    factor s [T, 1]; the value the torch model multiplies is codes / s."""
+
+    codes: str
+    scale: str
+
+
+def _int8_inputs(g: GraphBuilder, x: str, cfg: Any) -> "str | Int8Input":
+    """BitNet's activation rounding (`edgepack.model.Int8Activations`) on [T, features], in the same fp32 ops and
+    order: s = 127 / max(absmax per token, 1e-5); codes = clip(round(x * s), -128, 127). ONNX Round is
+    half-to-even like torch.round, so the codes equal the torch model's. `x` itself for a float model."""
+    if not cfg.int8_activations:
+        return x
+    absmax = g.op("ReduceMax", [g.op("Abs", [x], "abs"), g.const([-1])], "absmax", keepdims=1)
+    scale = g.op("Div", [g.const(127.0, np.float32), g.op("Max", [absmax, g.const(1e-5, np.float32)], "amax")], "s")
+    codes = g.op("Round", [g.op("Mul", [x, scale], "xs")], "round")
+    codes = g.op("Clip", [codes, g.const(-128.0, np.float32), g.const(127.0, np.float32)], "codes")
+    return Int8Input(codes, scale)
+
+
+def _value(g: GraphBuilder, x: "str | Int8Input") -> str:
+    """The float input a linear multiplies: codes / s for a rounded input (as the torch model computes it)."""
+    return g.op("Div", [x.codes, x.scale], "x_int8") if isinstance(x, Int8Input) else x
 
 
 def _embedding(g: GraphBuilder, state: Mapping, cfg: Any, spec: GraphSpec, ids: str) -> str:
@@ -213,14 +280,21 @@ def _rms_norm(g: GraphBuilder, x: str, weight: torch.Tensor, eps: float) -> str:
     return g.op("RMSNormalization", [x, g.init(g.name("norm_w"), weight.numpy())], "norm", axis=-1, epsilon=eps)
 
 
-def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSpec, names: list[str]) -> list[str]:
+def _linear(g: GraphBuilder, x: "str | Int8Input", state: Mapping, blocks: dict, spec: GraphSpec,
+            names: list[str]) -> list[str]:
     """One matmul for several linears that read the same input (q/k/v, gate/up), split afterwards."""
     tag = names[0].split(".")[-1] if len(names) == 1 else "_".join(n.split(".")[-1].split("_")[0] for n in names)
     base = f"{names[0].rsplit('.', 1)[0]}.{tag}"
+    if spec.weights != "ternary":
+        x = _value(g, x)
     if spec.weights == "fp32":
         weights = [state[n + ".weight"].float() for n in names]
         widths = [w.shape[0] for w in weights]
         y = g.op("MatMul", [x, g.init(base + ".weight_t", torch.cat(weights).t().contiguous().numpy())], tag)
+    elif spec.weights == "ternary":
+        ternary = [_ternary_of(blocks, n) for n in names]
+        widths = [p.codes.shape[0] for p in ternary]
+        y = _ternary_linear(g, x, ternary, base, spec)
     else:
         parts = [_blocks_of(g, n, state, blocks) for n in names]
         widths = [p.codes.shape[0] for p in parts]
@@ -231,6 +305,107 @@ def _linear(g: GraphBuilder, x: str, state: Mapping, blocks: dict, spec: GraphSp
     if len(names) == 1:
         return [y]
     return g.op("Split", [y, g.const(widths)], tag, outputs=len(names), axis=-1)
+
+
+def _ternary_of(blocks: Mapping, name: str) -> TernaryBlocks:
+    found = blocks.get(name + ".weight")
+    if not isinstance(found, TernaryBlocks):
+        raise EdgepackError(f"{name}.weight has no ternary codes, which the ternary preset stores",
+                            "export a BitNet b1.58 checkpoint whose every layer linear is ternary, or use -q int4")
+    return found
+
+
+def _ternary_linear(g: GraphBuilder, x: "str | Int8Input", parts: list[TernaryBlocks], base: str,
+                    spec: GraphSpec) -> str:
+    """One 2-bit MatMulNBits over the parts stacked by rows, the codes exact. With BitNet's int8 inputs and one
+    scale per row (a Hugging Face checkpoint; a GGUF whose blocks share it) the matmul is exact too
+    (`_anchored_linear`); otherwise ORT's level-4 kernel rounds the input again per block (counted in `carried`
+    under "ternary_rerounded")."""
+    g.carried[TERNARY_BITS] += len(parts)
+    rows = _row_scales(parts) if isinstance(x, Int8Input) else None
+    if rows is None:
+        if spec.accuracy_level:
+            g.carried["ternary_rerounded"] += len(parts)
+        block = ternary_block(parts)
+        codes = torch.cat([p.codes for p in parts]).numpy()
+        scales = torch.cat([p.scales_per(block) for p in parts]).numpy().astype(np.float32)
+        return _matmul_2bit(g, _value(g, x), codes, scales, block, base, spec)
+    codes = anchored_codes(torch.cat([p.codes for p in parts]).numpy())
+    blocks = codes.shape[1] // TERNARY_BLOCK
+    scales = np.repeat(rows.numpy().astype(np.float32)[:, None], blocks, axis=1)
+    y = _matmul_2bit(g, _anchored(g, x.codes, parts[0].codes.shape[1]), codes, scales, TERNARY_BLOCK, base, spec)
+    return g.op("Div", [y, x.scale], "y_int8")
+
+
+def _matmul_2bit(g: GraphBuilder, x: str, codes: np.ndarray, scales: np.ndarray, block: int, base: str,
+                 spec: GraphSpec) -> str:
+    """MatMulNBits over ternary codes [N, K]: byte j of a block holds elements 4j..4j+3 from the low bits up, each
+    code + 2 against the 2-bit default zero point 2, so the stored weights are the codes times their scale."""
+    rows, cols = codes.shape
+    per_byte = 8 // TERNARY_BITS
+    # -1 -> 1, 0 -> 2, 1 -> 3
+    q = (codes + 2).astype(np.uint8).reshape(rows, cols // block, block // per_byte, per_byte)
+    packed = q[..., 0] | (q[..., 1] << 2) | (q[..., 2] << 4) | (q[..., 3] << 6)
+    return g.op(
+        "MatMulNBits", [x, g.init(base + ".qweight", packed), g.init(base + ".scales", scales)], "q2",
+        domain=MS_DOMAIN, K=cols, N=rows, bits=TERNARY_BITS, block_size=block, accuracy_level=spec.accuracy_level,
+    )
+
+
+# Why anchors: ORT's level-4 kernel quantizes its input to int8 per block by the block's own absmax (scale
+# absmax / 127), which re-rounds BitNet's per-token codes unless the block's absmax is 127 (measured on a tiny
+# random BitNet: top-1 88.8%, KL 0.075 against the torch model). Each block of 128 therefore holds 127 real inputs
+# and one anchor input fixed at 127 whose weight code is 0: every block's absmax is 127, its scale 1, and the
+# integer codes pass through unchanged (+0.8% codes and multiply-adds).
+ANCHOR = 127.0
+REAL_PER_BLOCK = TERNARY_BLOCK - 1
+
+
+def anchored_codes(codes: np.ndarray) -> np.ndarray:
+    """Ternary codes [N, K] laid out as `_anchored` lays out the input: 127 real columns and one zero per block of
+    128 (the last block padded with zeros)."""
+    rows, cols = codes.shape
+    blocks = -(-cols // REAL_PER_BLOCK)
+    padded = np.zeros((rows, blocks * REAL_PER_BLOCK), np.int8)
+    padded[:, :cols] = codes
+    anchors = np.zeros((rows, blocks, 1), np.int8)
+    return np.concatenate([padded.reshape(rows, blocks, REAL_PER_BLOCK), anchors], axis=-1).reshape(rows, -1)
+
+
+def _anchored(g: GraphBuilder, codes: str, cols: int) -> str:
+    """The integer input [T, K] as blocks of 127 real values (zero-padded) plus the anchor 127."""
+    blocks = -(-cols // REAL_PER_BLOCK)
+    pad = blocks * REAL_PER_BLOCK - cols
+    x = g.op("Pad", [codes, g.const([0, 0, 0, pad]), g.const(0.0, np.float32)], "xpad") if pad else codes
+    x = g.op("Reshape", [x, g.const([-1, blocks, REAL_PER_BLOCK])], "xblk")
+    x = g.op("Pad", [x, g.const([0, 0, 0, 0, 0, 1]), g.const(ANCHOR, np.float32)], "xanchor")
+    return g.op("Reshape", [x, g.const([-1, blocks * TERNARY_BLOCK])], "xanch")
+
+
+def _row_scales(parts: list[TernaryBlocks]) -> torch.Tensor | None:
+    """One scale per row of the stacked parts [N], or None where a row's blocks holding a non-zero code have
+    different scales (an all-zero block's scale multiplies nothing, so it may differ)."""
+    found = []
+    for p in parts:
+        rows, cols = p.codes.shape
+        used = p.codes.view(rows, cols // p.block, p.block).ne(0).any(-1)
+        high = torch.where(used, p.scales, torch.full_like(p.scales, -torch.inf)).amax(1)
+        low = torch.where(used, p.scales, torch.full_like(p.scales, torch.inf)).amin(1)
+        if bool((used.any(1) & (high != low)).any()):
+            return None
+        found.append(torch.where(used.any(1), high, torch.zeros_like(high)))
+    return torch.cat(found)
+
+
+def ternary_codes(packed: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """The codes [rows, cols] (int8, -1/0/1) back out of a packed 2-bit initializer [rows, blocks, bytes], anchors
+    removed when the stored width is the anchored layout of `cols`: for checks."""
+    shifts = np.arange(0, 8, TERNARY_BITS, dtype=np.uint8)
+    q = ((packed[..., None] >> shifts) & 3).astype(np.int8) - 2
+    stored = q.reshape(rows, -1)
+    if stored.shape[1] == cols:
+        return stored
+    return stored.reshape(rows, -1, TERNARY_BLOCK)[..., :REAL_PER_BLOCK].reshape(rows, -1)[:, :cols]
 
 
 def _blocks_of(g: GraphBuilder, name: str, state: Mapping, blocks: Mapping) -> CarriedBlocks:
@@ -300,10 +475,10 @@ def _attention(g: GraphBuilder, h: str, state: Mapping, blocks: dict, spec: Grap
                positions: tuple[str, ...]) -> str:
     """`positions`: what _gqa_positions returns (CPU graph), or (cos, sin, mask) graph inputs (NPU graphs)."""
     p = f"model.layers.{i}.self_attn."
-    q, k, v = _linear(g, h, state, blocks, spec, [p + "q_proj", p + "k_proj", p + "v_proj"])
+    q, k, v = _linear(g, _int8_inputs(g, h, cfg), state, blocks, spec, [p + "q_proj", p + "k_proj", p + "v_proj"])
     attend = _explicit_attention if spec.static_seq is not None else _fused_attention
-    ctx = attend(g, q, k, v, cfg, i, *positions)
-    return _linear(g, ctx, state, blocks, spec, [p + "o_proj"])[0]
+    ctx = _sub_norm(g, attend(g, q, k, v, cfg, i, *positions), state, p + "attn_sub_norm.weight", cfg)
+    return _linear(g, _int8_inputs(g, ctx, cfg), state, blocks, spec, [p + "o_proj"])[0]
 
 
 def _fused_attention(g: GraphBuilder, q: str, k: str, v: str, cfg: Any, i: int, cos: str, sin: str,

@@ -253,6 +253,14 @@ class TernaryBlocks:
     def map_rows(self, fn) -> "TernaryBlocks":
         return TernaryBlocks(fn(self.codes), fn(self.scales), self.block)
 
+    def scales_per(self, block: int) -> torch.Tensor:
+        """The scales [rows, cols // block] for blocks of `block` inputs (which must divide `self.block`): each
+        scale repeated over the smaller blocks it covers, so a backend with its own block size stores the same
+        weights."""
+        if self.block % block:
+            raise ValueError(f"block {block} does not divide the ternary block {self.block}")
+        return self.scales.repeat_interleave(self.block // block, dim=1)
+
     @classmethod
     def per_matrix(cls, codes: torch.Tensor, scale: float) -> "TernaryBlocks":
         """One scale for the whole matrix, as transformers' BitNet linears hold it."""

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import UsageError
-from edgepack.presets import QuantPreset, get_preset
+from edgepack.presets import QuantPreset, check_carried, get_preset
 from edgepack.progress import SILENT, Steps
 from edgepack.targets import Target, get_target
 
@@ -93,6 +93,8 @@ def plan_export(
     from edgepack.fit import peek_config
 
     config = peek_config(source)  # config.json or the GGUF header: no weights read
+    if config is not None:
+        check_carried(preset, config.architecture)  # e.g. -q ternary for a Llama: refused before loading
     context_from = "--max-context" if max_context else f"{target.name}'s default"
     if not max_context and config is not None and config.max_position_embeddings < context:
         context, context_from = config.max_position_embeddings, "the model's maximum"
@@ -163,6 +165,9 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
     if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
         _fit_check(student.config, plan.target, plan.preset, plan.max_context,
                    plan.backend_label)
+    # The codes themselves are known only now (a float BitNet checkpoint has the architecture but none), still
+    # before anything is built: reading them is lazy.
+    check_carried(plan.preset, student.config.architecture, bool(student.ternary_blocks))
     parked = tempfile.TemporaryDirectory(prefix="edgepack-quantized-")
     same_weights = None  # the gate's same-weights model: the one built here, read back (no second quantization)
     if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
@@ -188,6 +193,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
             target=plan.target,
             preset=plan.preset,
             gguf_blocks=student.gguf_blocks,
+            ternary_blocks=student.ternary_blocks,
             model_name=student.name,
         )
         backend_section = exporter(request)

@@ -12,7 +12,8 @@ what would otherwise fail on the phone after minutes of lowering:
 The memory figure is compared with the target's app memory limit (the OS kills the app above it) and its
 `peak_memory_mb` budget; the bundle with `bundle_mb`. On failure the error says by how much and names the
 largest preset / context that would fit. The byte counts follow what `sdk/quantize.py` builds and how
-ExecuTorch/XNNPACK stores it (fp32 group scales; int8 per-channel output layer; untied embedding).
+ExecuTorch/XNNPACK stores it (fp32 group scales; int8 per-channel output layer; untied embedding), unless the
+exporter registers its own (`weight_bytes`: ONNX's 2-bit ternary codes).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import EdgepackError
+from edgepack.errors import EdgepackError, UsageError
 from edgepack.model import ModelConfig
-from edgepack.presets import PRESETS, QuantPreset
+from edgepack.presets import PRESETS, QuantPreset, check_carried
 from edgepack.targets import Target
 
 MB = 1e6
@@ -43,6 +44,10 @@ DEFAULT_OVERHEAD = 150 * MB
 # Weight copies resident at once: ExecuTorch's XNNPACK packs weights into its own buffers while the program
 # file stays memory-mapped (clean pages, evictable), so one copy counts; torch holds its state dict.
 SCALE_BYTES = 4  # torchao scales are kept in the model dtype (float32) and serialized as such
+# Recipes stored the same way whatever the preset's group size: (bits per weight, inputs per scale). "ternary" is
+# sdk/quantize.py's torchao form (codes -1/0/1 in int4 blocks of 32); exporters that store it smaller (ONNX: 2 bits)
+# say so through their `weight_bytes` (exporters/__init__.py).
+FIXED_RECIPES = {"ternary": (4, 32)}
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,9 @@ def _recipe_bytes(recipe: str | None, group: int, in_features: int, dtype_bytes:
     """Bytes per weight, scales included, for one quantization recipe of sdk/quantize.py."""
     if recipe is None:
         return float(dtype_bytes)
+    if recipe in FIXED_RECIPES:
+        bits, per_scale = FIXED_RECIPES[recipe]
+        return bits / 8 + SCALE_BYTES / per_scale
     bits = 4 if recipe in ("8da4w", "4w") or "int4" in recipe else 8  # older manifests spell recipes out
     per_scale = group if group and in_features % group == 0 else in_features  # 0 = one scale per row
     return bits / 8 + SCALE_BYTES / per_scale
@@ -167,7 +175,7 @@ def weight_bytes(cfg: ModelConfig, preset: QuantPreset) -> dict[str, float]:
         group = preset.group_size if preset.linear else 0
         usable = preset.linear if (not group or n_in % group == 0) else None  # quantize.py skips the rest
         per_layer += n_in * n_out * _recipe_bytes(usable, group, n_in, dtype_bytes)
-    small = 2 * h + ((q + 2 * kv) if cfg.attention_bias else 0)  # norms and biases stay in the model dtype
+    small = small_per_layer(cfg)  # norms and biases stay in the model dtype
     embed = cfg.vocab_size * h
     parts = {
         "layers": cfg.num_layers * (per_layer + small * dtype_bytes),
@@ -177,6 +185,21 @@ def weight_bytes(cfg: ModelConfig, preset: QuantPreset) -> dict[str, float]:
     if preset.quantized or not cfg.tie_word_embeddings:
         parts["lm_head"] = embed * _recipe_bytes(preset.lm_head, 0, h, dtype_bytes)
     return parts
+
+
+def layer_linear_weights(cfg: ModelConfig) -> int:
+    """Weights of one decoder layer's linears (q, k, v, o, gate, up, down)."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    return 2 * h * q + 2 * h * kv + 3 * h * cfg.intermediate_size
+
+
+def small_per_layer(cfg: ModelConfig) -> int:
+    """One layer's norm weights and biases (never quantized): BitNet adds two sub-norms and o_proj's bias."""
+    h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    small = 2 * h + ((q + 2 * kv) if cfg.attention_bias else 0)
+    if cfg.architecture == "bitnet":
+        small += h + cfg.intermediate_size + (h if cfg.attention_bias else 0)
+    return small
 
 
 def kv_cache_bytes(cfg: ModelConfig, preset: QuantPreset, max_context: int) -> float:
@@ -199,10 +222,10 @@ def activation_bytes(cfg: ModelConfig, preset: QuantPreset, max_context: int, ch
 def estimate(cfg: ModelConfig, preset: QuantPreset, max_context: int, backend: str = "executorch",
              target: Target | None = None) -> FitEstimate:
     """`backend` is "name" or "name/delegate"; with `target`, the exporter's own extra files count in the bundle."""
-    from edgepack.exporters import extra_bundle_bytes
+    from edgepack.exporters import extra_bundle_bytes, stored_weight_bytes
 
     name, _, delegate = backend.partition("/")
-    weights = weight_bytes(cfg, preset)
+    weights = stored_weight_bytes(name, cfg, preset) or weight_bytes(cfg, preset)
     extra = extra_bundle_bytes(name, cfg, target, delegate or None) if target is not None else 0.0
     return FitEstimate(
         weights=weights,
@@ -271,6 +294,8 @@ def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_contex
     out: list[str] = []
     own = estimate(cfg, preset, max_context, backend, target)
     for name, other in PRESETS.items():  # smaller presets at the same context, largest first
+        if not _can_take(other, cfg):
+            continue
         candidate = check_fit(cfg, other, target, max_context, backend, propose=False)
         if name != preset.name and candidate.estimate.memory < own.memory and candidate.fits:
             out.append(f"--quant {name} fits ({candidate.estimate.memory / MB:.0f} MB of memory, "
@@ -284,6 +309,15 @@ def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_contex
             break
         context //= 2
     return out
+
+
+def _can_take(preset: QuantPreset, cfg: ModelConfig) -> bool:
+    """Whether a student of this config could be exported with `preset` (ternary: BitNet b1.58 only)."""
+    try:
+        check_carried(preset, cfg.architecture)
+    except UsageError:
+        return False
+    return True
 
 
 # --- the export's own memory, on this machine -----------------------------------------------------------------

@@ -22,16 +22,26 @@ class QuantPreset:
     embedding: str | None = None  # recipe for the token embedding table
     group_size: int = 0  # linears: 0 = one scale per output channel, else per block of this many inputs
     embedding_group_size: int = 0
+    # Exact weights of the student this preset stores as they are, never rounded: "ternary" = BitNet b1.58's
+    # codes and scales (`Student.ternary_blocks`). A student without them cannot take the preset.
+    carries: str | None = None
 
     def with_group_size(self, group_size: int | None) -> "QuantPreset":
         if group_size is None:
             return self
+        if self.carries and group_size != self.group_size:  # a manifest's own 0 passes
+            raise UsageError(f"--group-size does not apply to the {self.name} preset",
+                             f"leave --group-size out: it keeps the student's own {self.carries} blocks")
         if group_size < 0 or (group_size and group_size % 2):
             raise UsageError(f"--group-size {group_size} is invalid", "use 0 (per channel) or an even number like 32")
         return replace(self, group_size=group_size)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As data; `carries` only where set, so the other presets' manifests stay as they were."""
+        data = asdict(self)
+        if data["carries"] is None:
+            del data["carries"]
+        return data
 
     @property
     def torch_dtype(self) -> Any:
@@ -66,8 +76,37 @@ PRESETS: dict[str, QuantPreset] = {
             group_size=32,
             embedding_group_size=64,
         ),
+        QuantPreset(
+            "ternary",
+            "BitNet b1.58's ternary codes and scales carried exactly (no rounding) with its int8 per-token "
+            "activations; embedding and output layer as int4 does them",
+            linear="ternary",
+            lm_head="8da8w",
+            embedding="4w",
+            embedding_group_size=64,
+            carries="ternary",
+        ),
     )
 }
+
+
+# What each kind of carried weights is, for the refusal of a student that lacks them.
+CARRIED_SOURCES = {"ternary": "a BitNet b1.58 checkpoint (ternary weights: Hugging Face packed, or GGUF TQ1_0/TQ2_0)"}
+
+
+def check_carried(preset: QuantPreset, architecture: str, has_blocks: bool | None = None) -> None:
+    """Refuse a student that lacks the exact weights `preset` carries: from the config alone (`architecture`,
+    at plan time, before anything is loaded), then with `has_blocks` once the student is open (a float BitNet
+    checkpoint has the architecture but no ternary codes). Nothing would be left to carry; rounding the float
+    weights instead would silently be another preset."""
+    if not preset.carries:
+        return
+    wrong_family = preset.carries == "ternary" and architecture != "bitnet"
+    if wrong_family or has_blocks is False:
+        found = (f"a {architecture} model" if wrong_family
+                 else f"a {architecture} checkpoint without {preset.carries} codes")
+        raise UsageError(f"the {preset.name} preset needs {CARRIED_SOURCES[preset.carries]}, and this is {found}",
+                         "use -q int4")
 
 
 def get_preset(name: str) -> QuantPreset:

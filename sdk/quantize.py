@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks
+from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, TernaryBlocks
+from edgepack.errors import EdgepackError
 from edgepack.presets import PRESETS, QuantPreset, get_preset  # noqa: F401  (the presets, as data)
 from edgepack.progress import SILENT, Steps
 
@@ -193,6 +194,8 @@ def piece_quantizer(
                 if preset.embedding:
                     quantize_(piece, _torchao_config(preset.embedding, preset.embedding_group_size),
                               filter_fn=lambda m, _fqn: m is piece)
+            elif preset.linear == "ternary":
+                _carry_ternary(piece, prefix, blocks)
             elif preset.linear:
                 carried = _carry_blocks(piece, prefix, blocks) if preset.linear == "8da4w" and group == BLOCK else set()
                 fits = lambda m, fqn: (  # noqa: E731
@@ -228,6 +231,25 @@ def _carry_blocks(piece: nn.Module, prefix: str, blocks: Mapping[str, CarriedBlo
     return carried
 
 
+def _carry_ternary(piece: nn.Module, prefix: str, blocks: Mapping[str, Any]) -> None:
+    """Every linear of a layer as the student's ternary codes in int4 blocks of 32 (codes -1/0/1, each scale
+    repeated per block): the same weights, no rounding. A linear without codes cannot be carried."""
+    for name, module in list(piece.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        found = blocks.get(f"{prefix}.{name}.weight")
+        if not isinstance(found, TernaryBlocks) or found.block % BLOCK:
+            raise EdgepackError(f"{prefix}.{name}.weight has no ternary codes in blocks of {BLOCK}",
+                                "export a BitNet b1.58 checkpoint whose every layer linear is ternary, or use -q int4")
+        module.weight = int4_weight(Int4Blocks(found.codes, found.scales_per(BLOCK), None))
+
+
+def carried_blocks(student: Any, preset: QuantPreset) -> Mapping[str, Any]:
+    """The student's exact weights `preset` builds from: its ternary codes for a preset that carries them, else
+    its GGUF blocks (which the int4 recipe keeps where it can)."""
+    return student.ternary_blocks if preset.carries == "ternary" else student.gguf_blocks
+
+
 def _inside(fqn: str, parents: set[str]) -> bool:
     return any(fqn.startswith(p + ".") for p in parents)
 
@@ -246,13 +268,13 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
     prepare = None
     if preset.quantized and own_rounding:
         rounding = same_weights_quantizer(backend)
-        prepare = rounding(preset, student.gguf_blocks) if rounding else None
+        prepare = rounding(preset, carried_blocks(student, preset)) if rounding else None
     elif preset.quantized:
         tied_table = config.tie_word_embeddings and exporter_keeps_one_tied_table(backend)
         scale = None
         if not tied_table and (preset.lm_head or "").startswith("8da"):
             scale = streamed_smoothing_scale(config, student.state_dict, calibration_ids(student), max_context)
-        prepare = piece_quantizer(preset, student.gguf_blocks, scale)
+        prepare = piece_quantizer(preset, carried_blocks(student, preset), scale)
     dtype = torch.float32 if own_rounding else preset.torch_dtype
     return build_model(config, student.state_dict, max_context, dtype=dtype, prepare=prepare,
                        on_piece=progress.advance)
