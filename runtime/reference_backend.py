@@ -6,6 +6,7 @@ It is the exact-math baseline other backends are verified against, and the way t
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,8 @@ def open_reference(bundle_dir: Path, manifest: dict[str, Any]) -> TorchDecoder:
         dtype = torch.float16 if manifest["backend"].get("compute_precision") == "float16" else torch.float32
         weights = weights_from_mlpackage(program, config, manifest["backend"], dtype)
         model = build_model(config, weights, max_context=int(manifest["context_length"]), dtype=dtype)
+        del weights
+        gc.collect()  # the loaded program is a web of cycles: free it now, before the gate builds its reference
         return TorchDecoder(model, max_prefill_chunk=manifest["backend"].get("max_prefill"))
     if program.suffix != ".safetensors":
         raise EdgepackError(
