@@ -21,7 +21,7 @@ from torch import nn
 from edgepack.blocks import BLOCK
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
-from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, rope_tables
+from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, rope_tables
 from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
 
@@ -58,16 +58,22 @@ class XnnpackAttention(nn.Module):
 
     def __init__(self, attn: Attention) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj = xnnpack_linear(attn.q_proj), xnnpack_linear(attn.k_proj), \
-            xnnpack_linear(attn.v_proj)
-        self.o_proj = xnnpack_linear(attn.o_proj)
+        rounded = attn.int8_inputs is not None
+        self.q_proj, self.k_proj, self.v_proj = (xnnpack_linear(p, rounded) for p in (attn.q_proj, attn.k_proj,
+                                                                                     attn.v_proj))
+        self.o_proj = xnnpack_linear(attn.o_proj, rounded)
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         self.kv_cache = CustomOpsKVCache(attn.kv_cache)
         dtype = attn.kv_cache.k.dtype  # the model's float dtype
         self.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim).to(dtype), persistent=False)
+        # BitNet only (None for Llama/Qwen2, whose graph stays as it was): the sub-norm before o_proj and the int8
+        # rounding of the projections' inputs.
+        self.attn_sub_norm = _optional(XnnpackRMSNorm, attn.attn_sub_norm)
+        self.int8_inputs = _optional(XnnpackInt8Activations, attn.int8_inputs)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         d = self.head_dim
+        x = _through(self.int8_inputs, x)
         q = self.q_proj(x).view(1, -1, self.num_heads, d)
         k = self.k_proj(x).view(1, -1, self.num_kv_heads, d)
         v = self.v_proj(x).view(1, -1, self.num_kv_heads, d)
@@ -78,7 +84,8 @@ class XnnpackAttention(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):  # the kernel computes in fp32 or bf16
             q, k_all, v_all = q.float(), k_all.float(), v_all.float()
         out = torch.ops.llama.custom_sdpa(q, k_all, v_all, start, None, 0.0, True)
-        return self.o_proj(out.to(dtype).view(-1, self.num_heads * d))
+        out = _through(self.attn_sub_norm, out.to(dtype).view(-1, self.num_heads * d))
+        return self.o_proj(_through(self.int8_inputs, out))
 
 
 def rotate_half_matrix(dim: int) -> torch.Tensor:
@@ -102,6 +109,40 @@ class XnnpackRMSNorm(nn.Module):
         x4 = x.float().view(-1, 1, 1, width)
         x4 = x4 * torch.rsqrt(x4.pow(2).mean((2, 3), keepdim=True) + self.eps)
         return self.weight * x4.view(-1, width).to(x.dtype)
+
+
+class XnnpackInt8Activations(nn.Module):
+    """BitNet's `Int8Activations` (per-token absmax to int8 codes and back) in ops XNNPACK lowers, so a layer stays
+    one delegate: the max over a 4-D view's innermost dim (XNNPACK's max pooling; it takes no `amax`/`round`), 127
+    as a constant tensor divided by it, and round-half-to-even as (y + 1.5 * 2^23) - 1.5 * 2^23, which fp32
+    addition rounds to the nearest integer, ties to even, exactly as `torch.round` does for |y| < 2^22 (here
+    |y| <= 127). Same float operations as the model's otherwise, so the codes are the same."""
+
+    def __init__(self, rounding: nn.Module) -> None:  # the model's `Int8Activations`: stateless, nothing to copy
+        super().__init__()
+        self.register_buffer("levels", torch.tensor(127.0), persistent=False)
+        self.register_buffer("magic", torch.tensor(ROUNDING_MAGIC), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        x4 = x.float().view(-1, 1, 1, width)
+        absmax = x4.abs().max(dim=3, keepdim=True).values
+        scale = self.levels / absmax.clamp(min=1e-5)
+        codes = ((x4 * scale + self.magic) - self.magic).clamp(-128, 127)
+        return (codes / scale).view(-1, width).to(x.dtype)
+
+
+# 1.5 * 2^23: adding it to |y| < 2^22 leaves a float whose unit in the last place is 1 (round to integer).
+ROUNDING_MAGIC = 12582912.0
+
+
+def _optional(form: type[nn.Module], module: nn.Module | None) -> nn.Module | None:
+    """The XNNPACK form of a module the model may not have (BitNet's pieces): None stays None, adding no op."""
+    return None if module is None else form(module)
+
+
+def _through(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
 
 
 class DynamicQuantLinear(nn.Module):
@@ -143,6 +184,47 @@ class DynamicQuantLinear(nn.Module):
         return F.linear(x, weight, self.bias)
 
 
+class AnchoredQuantLinear(DynamicQuantLinear):
+    """A dynamic-activation linear whose input is already on BitNet's symmetric int8 grid (codes k * absmax / 127,
+    |k| <= 127): XNNPACK's qd8 kernel would round it again, per token but asymmetrically (scale = (max - min) / 255
+    with its own zero-point nudging), a second rounding that moves most codes (tiny random BitNet: top-1 86%, KL
+    0.11 against BitNet's own activations). Two anchor inputs +-127.5/127 * absmax (with 30 zeros: one more block
+    of 32, weight codes 0, so the product is unchanged) make that range [-127.5, 127.5] code steps: the kernel's
+    scale is then BitNet's absmax / 127, its zero point rounds to 0 or -1, and every code passes unchanged.
+    The ONNX exporter anchors MatMulNBits' per-block rounding the same way (NOTES.md, "Ternary")."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__(linear)
+        rows = self.qdata.shape[0]
+        self._one_scale_per_row()
+        if self.scale.dim() == 1:  # per channel: the padded row stays one group
+            self.group = self.qdata.shape[1] + BLOCK
+        else:  # one more block of 32; any positive scale (its codes are 0)
+            self.scale = torch.cat([self.scale, torch.ones(rows, 1)], dim=1)
+            self.zero_point = torch.cat([self.zero_point, torch.zeros(rows, 1, dtype=torch.int8)], dim=1)
+        self.qdata = torch.cat([self.qdata, torch.zeros(rows, BLOCK, dtype=self.qdata.dtype)], dim=1)
+        anchors = torch.zeros(BLOCK)
+        anchors[0], anchors[1] = ANCHOR, -ANCHOR
+        self.register_buffer("anchors", anchors, persistent=False)
+
+    def _one_scale_per_row(self) -> None:
+        """Blocks that share their row's scale (BitNet's one scale per matrix, repeated per block of 32 by the
+        preset) as one channel: XNNPACK stores block scales in bf16 (8 bits of mantissa: a ternary scale moves by up
+        to 0.2%) but channel scales in fp32, so only per channel are the weights the student's exactly."""
+        if self.scale.dim() == 2 and bool((self.scale == self.scale[:, :1]).all()) and not self.zero_point.any():
+            self.scale, self.zero_point = self.scale[:, 0].contiguous(), self.zero_point[:, 0].contiguous()
+            self.group = self.qdata.shape[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = x.shape[-1]
+        peak = x.view(-1, 1, 1, width).abs().max(dim=3, keepdim=True).values.view(-1, 1)
+        return super().forward(torch.cat([x, peak * self.anchors.to(x.dtype)], dim=-1))
+
+
+# The anchors' size in units of the input's absmax: half a code step beyond the largest code, each side.
+ANCHOR = 127.5 / 127
+
+
 class XnnpackBlockOffsetLinear(nn.Module):
     """`BlockOffsetLinear` (carried GGUF Q4_1 blocks) with block means from a 4-D mean instead of block sums
     from a reshape-matmul-squeeze; the offsets are scaled by 32 to match (exact: a power of two)."""
@@ -159,24 +241,45 @@ class XnnpackBlockOffsetLinear(nn.Module):
         return self.main(x) + self.offsets(means)
 
 
-def xnnpack_linear(linear: nn.Module) -> nn.Module:
-    """The form of a (quantized) linear that lowers cheaply; float linears stay as they are."""
+def xnnpack_linear(linear: nn.Module, int8_input: bool = False) -> nn.Module:
+    """The form of a (quantized) linear that lowers cheaply; float linears stay as they are. `int8_input`: its
+    input is BitNet-rounded already (`AnchoredQuantLinear` keeps those codes)."""
     if isinstance(linear, BlockOffsetLinear):
         return XnnpackBlockOffsetLinear(linear)
     weight = getattr(linear, "weight", None)
     if getattr(weight, "activation_quantization", None) is not None:
-        return DynamicQuantLinear(linear)
+        return AnchoredQuantLinear(linear) if int8_input else DynamicQuantLinear(linear)
     return linear
 
 
 class XnnpackMLP(nn.Module):
+    """The gated MLP; for BitNet also its squared-ReLU gate, the sub-norm before down_proj and the int8 rounding of
+    the projections' inputs (absent for Llama/Qwen2: their graph is unchanged)."""
+
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj = xnnpack_linear(mlp.gate_proj), xnnpack_linear(mlp.up_proj)
-        self.down_proj = xnnpack_linear(mlp.down_proj)
+        rounded = mlp.int8_inputs is not None
+        self.gate_proj, self.up_proj = xnnpack_linear(mlp.gate_proj, rounded), xnnpack_linear(mlp.up_proj, rounded)
+        self.down_proj = xnnpack_linear(mlp.down_proj, rounded)
+        self.act = XNNPACK_ACTIVATIONS[mlp.act]
+        self.ffn_sub_norm = _optional(XnnpackRMSNorm, mlp.ffn_sub_norm)
+        self.int8_inputs = _optional(XnnpackInt8Activations, mlp.int8_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        x = _through(self.int8_inputs, x)
+        hidden = _through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_through(self.int8_inputs, hidden))
+
+
+def relu_times_relu(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU as a product: `square` exports as `pow`, which XNNPACK's partitioner may refuse; relu * relu
+    is exact and lowers."""
+    r = F.relu(x)
+    return r * r
+
+
+# The model's activation function -> the form the program computes it in.
+XNNPACK_ACTIVATIONS = {F.silu: F.silu, relu_squared: relu_times_relu}
 
 
 class PackedInt4Embedding(nn.Module):
