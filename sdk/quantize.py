@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, TernaryBlocks
+from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, Int8Blocks, TernaryBlocks
 from edgepack.errors import EdgepackError
 from edgepack.presets import PRESETS, QuantPreset, get_preset  # noqa: F401  (the presets, as data)
 from edgepack.progress import SILENT, Steps
@@ -197,13 +197,16 @@ def piece_quantizer(
             elif preset.linear == "ternary":
                 _carry_ternary(piece, prefix, blocks)
             elif preset.linear:
-                carried = _carry_blocks(piece, prefix, blocks) if preset.linear == "8da4w" and group == BLOCK else set()
+                carrying = preset.linear == "8da4w" and group == BLOCK
+                carried = _carry_blocks(piece, prefix, blocks) if carrying else set()
+                wide = _wide_blocks(piece, prefix, blocks) if carrying else set()
                 fits = lambda m, fqn: (  # noqa: E731
                     isinstance(m, nn.Linear)
-                    and fqn not in carried
+                    and fqn not in carried | wide
                     and not _inside(fqn, carried)
                     and (not group or m.in_features % group == 0)
                 )
+                quantize_(piece, _torchao_config("8da8w", 0), filter_fn=lambda m, fqn: fqn in wide)
                 quantize_(piece, _torchao_config(preset.linear, group), filter_fn=fits)
                 is_offsets = lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".offsets")  # noqa: E731
                 quantize_(piece, _torchao_config(OFFSETS_RECIPE, 0), filter_fn=is_offsets)
@@ -219,7 +222,7 @@ def _carry_blocks(piece: nn.Module, prefix: str, blocks: Mapping[str, CarriedBlo
         if not isinstance(module, nn.Linear) or key not in blocks:
             continue
         found = blocks[key]
-        if not isinstance(found, Int4Blocks):  # 5- to 8-bit GGUF types: the int4 recipe rounds them (no int8 groups)
+        if not isinstance(found, Int4Blocks):  # 5- to 8-bit GGUF types: kept at 8 bits (`_wide_blocks`)
             continue
         found = found.with_positive_scales()
         if found.offsets is None:
@@ -248,6 +251,15 @@ def carried_blocks(student: Any, preset: QuantPreset) -> Mapping[str, Any]:
     """The student's exact weights `preset` builds from: its ternary codes for a preset that carries them, else
     its GGUF blocks (which the int4 recipe keeps where it can)."""
     return student.ternary_blocks if preset.carries == "ternary" else student.gguf_blocks
+
+
+def _wide_blocks(piece: nn.Module, prefix: str, blocks: Mapping[str, CarriedBlocks]) -> set[str]:
+    """The (piece-relative) linears the student stores at 5 to 8 bits (GGUF Q5_0/Q5_1/Q5_K/Q6_K/Q8_0): the int4
+    recipe keeps them at 8 bits per output channel rather than rounding them to 4 (llama.cpp's Q4_K_M keeps 5-
+    and 6-bit tensors where they matter most; on Qwen2.5-Coder-0.5B, whose 896-wide rows take no K-quant, that is
+    most of its linears: rounded to int4 they cost 12 points of top-1)."""
+    return {name for name, module in piece.named_modules()
+            if isinstance(module, nn.Linear) and isinstance(blocks.get(f"{prefix}.{name}.weight"), Int8Blocks)}
 
 
 def _inside(fqn: str, parents: set[str]) -> bool:

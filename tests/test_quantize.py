@@ -7,7 +7,9 @@ import copy
 import numpy as np
 import torch
 
-from edgepack.quantize import BlockOffsetLinear, apply_preset, get_preset, park_quantized, smooth_output_layer
+from edgepack.quantize import (
+    BlockOffsetLinear, apply_preset, get_preset, park_quantized, piece_quantizer, smooth_output_layer,
+)
 from edgepack.runtime import TorchDecoder
 
 from conftest import random_model, tiny_config
@@ -69,3 +71,28 @@ def test_parked_quantized_model_reads_back_the_same_weights(tmp_path):
         actual = loaded(tokens, torch.tensor([0]))
     assert isinstance(loaded.model.layers[0].mlp.up_proj, BlockOffsetLinear)
     assert torch.equal(actual, expected)
+
+
+def test_int4_keeps_5_to_8_bit_gguf_linears_at_8_bits(tmp_path):
+    """A GGUF's Q5_0 linears (most of Qwen2.5-Coder-0.5B's Q4_K_M: its 896-wide rows take no K-quant) are kept
+    at int8 per output channel by the int4 recipe, not rounded to int4: closer to the student's own weights."""
+    import gguf
+    import transformers
+
+    from edgepack.intake import load_student
+    from edgepack.model import build_model
+    from test_intake import SMALL, tiny_state_dict, write_gguf
+
+    cfg = transformers.Qwen2Config(**SMALL, tie_word_embeddings=True)
+    path = write_gguf(tmp_path / "tiny.gguf", "qwen2", cfg, tiny_state_dict(cfg), gguf.GGMLQuantizationType.Q5_0)
+    student = load_student(str(path))
+    model = build_model(student.config, student.state_dict, 64,
+                        prepare=piece_quantizer(get_preset("int4"), student.gguf_blocks))
+    for name, block in student.gguf_blocks.items():
+        if not name.startswith("model.layers."):
+            continue
+        weight = model.get_parameter(name)
+        assert weight.target_dtype == torch.int8 and weight.qdata.shape[1] == weight.block_size[1]  # per channel
+        exact = block.dequantize()
+        int8_error = (weight.dequantize() - exact).abs().max()
+        assert int8_error < 0.25 * (exact.abs().amax(1) / 15).min()  # well inside a Q5_0 step, let alone int4's
