@@ -47,7 +47,9 @@ from torch import nn
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.coreml_ane import ane_report
-from edgepack.model import SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, Prepare, build_model, rope_frequencies
+from edgepack.model import (
+    SUPPORTED_ARCHITECTURES, CausalLM, ModelConfig, Prepare, build_model, rope_frequencies, through,
+)
 from edgepack.progress import SILENT, Steps
 
 PROGRAM_FILE = "model.mlpackage"
@@ -184,13 +186,6 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return norm.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps / (c * c)))
 
 
-def _int8_round(rounding: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    """BitNet's int8 absmax rounding of a projection's input (`Int8Activations`) where the model has it; nothing
-    (no op) for Llama/Qwen2. coremltools converts it (abs, reduce_max, round, clip) and computes it in fp16: codes
-    up to 127 are exact there, and x * 127 / absmax stays below it, so only float order differs from fp32."""
-    return x if rounding is None else rounding(x)
-
-
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
@@ -246,7 +241,9 @@ class CoreMLCausalLM(nn.Module):
     def decoder_layer(self, i: int, layer: nn.Module, x: torch.Tensor, attend: Attend) -> torch.Tensor:
         cfg, seq = self.config, x.shape[1]
         attn = layer.self_attn
-        h = _int8_round(attn.int8_inputs, _rms_norm(layer.input_layernorm, x))
+        # BitNet's int8 rounding (`Int8Activations`; none for Llama/Qwen2) converts to abs, reduce_max, round, clip
+        # and runs in fp16: codes up to 127 are exact there, so only float order differs from fp32.
+        h = through(attn.int8_inputs, _rms_norm(layer.input_layernorm, x))
         q = attn.q_proj(h).view(1, seq, cfg.num_heads, cfg.head_dim).transpose(1, 2)  # [1, H, T, D]
         k = attn.k_proj(h).view(1, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = attn.v_proj(h).view(1, seq, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -264,7 +261,7 @@ class CoreMLCausalLM(nn.Module):
         out = out.reshape(1, seq, cfg.num_heads * cfg.head_dim)
         if attn.attn_sub_norm is not None:  # BitNet: its sub-norm and int8 rounding before o_proj
             out = _rms_norm(attn.attn_sub_norm, out)
-        x = x + attn.o_proj(_int8_round(attn.int8_inputs, out))
+        x = x + attn.o_proj(through(attn.int8_inputs, out))
         return x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
 
     def write_states(self, attend: Attend) -> None:

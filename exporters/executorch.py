@@ -21,7 +21,7 @@ from torch import nn
 from edgepack.blocks import BLOCK
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
-from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, rope_tables
+from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, rope_tables, through
 from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
 
@@ -73,7 +73,7 @@ class XnnpackAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         d = self.head_dim
-        x = _through(self.int8_inputs, x)
+        x = through(self.int8_inputs, x)
         q = self.q_proj(x).view(1, -1, self.num_heads, d)
         k = self.k_proj(x).view(1, -1, self.num_kv_heads, d)
         v = self.v_proj(x).view(1, -1, self.num_kv_heads, d)
@@ -84,8 +84,8 @@ class XnnpackAttention(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):  # the kernel computes in fp32 or bf16
             q, k_all, v_all = q.float(), k_all.float(), v_all.float()
         out = torch.ops.llama.custom_sdpa(q, k_all, v_all, start, None, 0.0, True)
-        out = _through(self.attn_sub_norm, out.to(dtype).view(-1, self.num_heads * d))
-        return self.o_proj(_through(self.int8_inputs, out))
+        out = through(self.attn_sub_norm, out.to(dtype).view(-1, self.num_heads * d))
+        return self.o_proj(through(self.int8_inputs, out))
 
 
 def rotate_half_matrix(dim: int) -> torch.Tensor:
@@ -139,10 +139,6 @@ ROUNDING_MAGIC = 12582912.0
 def _optional(form: type[nn.Module], module: nn.Module | None) -> nn.Module | None:
     """The XNNPACK form of a module the model may not have (BitNet's pieces): None stays None, adding no op."""
     return None if module is None else form(module)
-
-
-def _through(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
-    return x if module is None else module(x)
 
 
 class DynamicQuantLinear(nn.Module):
@@ -266,9 +262,9 @@ class XnnpackMLP(nn.Module):
         self.int8_inputs = _optional(XnnpackInt8Activations, mlp.int8_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _through(self.int8_inputs, x)
-        hidden = _through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(_through(self.int8_inputs, hidden))
+        x = through(self.int8_inputs, x)
+        hidden = through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(through(self.int8_inputs, hidden))
 
 
 def relu_times_relu(x: torch.Tensor) -> torch.Tensor:

@@ -346,7 +346,9 @@ def _sub_norm(cfg: ModelConfig, dim: int) -> RMSNorm | None:
     return RMSNorm(dim, cfg.rms_norm_eps) if cfg.architecture == "bitnet" else None
 
 
-def _through(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+def through(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` where the model has that piece (BitNet's sub-norms and int8 rounding), else x unchanged: no op
+    is added, so Llama and Qwen2 trace as before. The exporters' forwards use it the same way."""
     return x if module is None else module(x)
 
 
@@ -367,14 +369,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
         seq = x.shape[1]
-        x = _through(self.int8_inputs, x)
+        x = through(self.int8_inputs, x)
         q = self.q_proj(x).view(1, seq, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(1, seq, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(1, seq, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k_all, v_all = self.kv_cache.update(start, k, v)
-        out = _through(self.attn_sub_norm, self.sdpa(q, k_all, v_all, start))
-        return self.o_proj(_through(self.int8_inputs, out))
+        out = through(self.attn_sub_norm, self.sdpa(q, k_all, v_all, start))
+        return self.o_proj(through(self.int8_inputs, out))
 
 
 class MLP(nn.Module):
@@ -388,9 +390,9 @@ class MLP(nn.Module):
         self.int8_inputs = _int8_inputs(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _through(self.int8_inputs, x)
-        hidden = _through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(_through(self.int8_inputs, hidden))
+        x = through(self.int8_inputs, x)
+        hidden = through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(through(self.int8_inputs, hidden))
 
 
 class DecoderLayer(nn.Module):
