@@ -107,17 +107,18 @@ def plan_export(
             raise UsageError(f"--max-context {max_context} exceeds what {label} builds for {target.name} ({limit})",
                              f"use --max-context {limit} or less")
         context, context_from = limit, f"the {label} limit"
-    fit = _fit_check(config, target, preset, context, label) if config else None
+    fit = _fit_check(config, target, preset, context, label, source) if config else None
     return ExportPlan(source, target, preset, chosen[0], chosen[1], context, out, verify, keep_failed, fit=fit,
                       force=force, context_from=context_from)
 
 
-def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, backend: str) -> Any:
+def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, backend: str,
+               source: str | None) -> Any:
     """Refuse, before any long work, a model that would not fit the target's memory or bundle budget
     (`backend`: "name/delegate"), or whose export this machine cannot hold."""
-    from edgepack.fit import check_export_memory, check_fit
+    from edgepack.fit import check_export_memory, check_fit, gguf_wide_share
 
-    report = check_fit(config, preset, target, context, backend)
+    report = check_fit(config, preset, target, context, backend, wide_share=gguf_wide_share(source))
     report.raise_if_not_fits()
     check_export_memory(config)
     return report

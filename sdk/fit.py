@@ -164,8 +164,12 @@ def _recipe_bytes(recipe: str | None, group: int, in_features: int, dtype_bytes:
     return bits / 8 + SCALE_BYTES / per_scale
 
 
-def weight_bytes(cfg: ModelConfig, preset: QuantPreset) -> dict[str, float]:
-    """Stored bytes of each part of the model under `preset` (a quantized preset unties the output layer)."""
+def weight_bytes(cfg: ModelConfig, preset: QuantPreset, wide_share: float = 0.0) -> dict[str, float]:
+    """Stored bytes of each part of the model under `preset` (a quantized preset unties the output layer).
+
+    `wide_share`: the part of the layer linears' weights a GGUF stores at 5 to 8 bits (`gguf_wide_share`), which
+    the int4 recipe keeps at 8 bits (`quantize._wide_blocks`), per output channel as ExecuTorch stores them."""
+    keeps_wide = preset.linear == "8da4w" and preset.group_size == CARRIED_BLOCK
     dtype_bytes = 2 if preset.dtype in ("float16", "bfloat16") else 4
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     linears = [(h, q), (h, kv), (h, kv), (q, h), (h, cfg.intermediate_size), (h, cfg.intermediate_size),
@@ -174,7 +178,10 @@ def weight_bytes(cfg: ModelConfig, preset: QuantPreset) -> dict[str, float]:
     for n_in, n_out in linears:
         group = preset.group_size if preset.linear else 0
         usable = preset.linear if (not group or n_in % group == 0) else None  # quantize.py skips the rest
-        per_layer += n_in * n_out * _recipe_bytes(usable, group, n_in, dtype_bytes)
+        per_weight = _recipe_bytes(usable, group, n_in, dtype_bytes)
+        if keeps_wide and wide_share:
+            per_weight += wide_share * (_recipe_bytes("8da8w", 0, n_in, dtype_bytes) - per_weight)
+        per_layer += n_in * n_out * per_weight
     small = small_per_layer(cfg)  # norms and biases stay in the model dtype
     embed = cfg.vocab_size * h
     parts = {
@@ -220,12 +227,13 @@ def activation_bytes(cfg: ModelConfig, preset: QuantPreset, max_context: int, ch
 
 
 def estimate(cfg: ModelConfig, preset: QuantPreset, max_context: int, backend: str = "executorch",
-             target: Target | None = None) -> FitEstimate:
-    """`backend` is "name" or "name/delegate"; with `target`, the exporter's own extra files count in the bundle."""
+             target: Target | None = None, wide_share: float = 0.0) -> FitEstimate:
+    """`backend` is "name" or "name/delegate"; with `target`, the exporter's own extra files count in the bundle;
+    `wide_share` as in `weight_bytes`."""
     from edgepack.exporters import extra_bundle_bytes, stored_weight_bytes
 
     name, _, delegate = backend.partition("/")
-    weights = stored_weight_bytes(name, cfg, preset) or weight_bytes(cfg, preset)
+    weights = stored_weight_bytes(name, cfg, preset) or weight_bytes(cfg, preset, wide_share)
     extra = extra_bundle_bytes(name, cfg, target, delegate or None) if target is not None else 0.0
     return FitEstimate(
         weights=weights,
@@ -271,8 +279,10 @@ def check_fit(
     max_context: int,
     backend: str = "executorch",
     propose: bool = True,
+    wide_share: float = 0.0,
 ) -> FitReport:
-    """The estimate against the target's limits, with what would fit when it does not."""
+    """The estimate against the target's limits, with what would fit when it does not (`wide_share`: see
+    `weight_bytes`)."""
     mem_limit, mem_name = memory_limit(target)
     bundle_limit = target.budgets.get("bundle_mb")
     report = FitReport(
@@ -280,30 +290,32 @@ def check_fit(
         preset=preset.name,
         max_context=max_context,
         backend=backend,
-        estimate=estimate(cfg, preset, max_context, backend, target),
+        estimate=estimate(cfg, preset, max_context, backend, target, wide_share),
         memory_limit_mb=mem_limit,
         memory_limit_name=mem_name,
         bundle_limit_mb=float(bundle_limit) if bundle_limit else None,
     )
     if report.fits or not propose:
         return report
-    return FitReport(**{**report.__dict__, "proposals": _proposals(cfg, preset, target, max_context, backend)})
+    proposals = _proposals(cfg, preset, target, max_context, backend, wide_share)
+    return FitReport(**{**report.__dict__, "proposals": proposals})
 
 
-def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_context: int, backend: str) -> list[str]:
+def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_context: int, backend: str,
+               wide_share: float) -> list[str]:
     out: list[str] = []
-    own = estimate(cfg, preset, max_context, backend, target)
+    own = estimate(cfg, preset, max_context, backend, target, wide_share)
     for name, other in PRESETS.items():  # smaller presets at the same context, largest first
         if not _can_take(other, cfg):
             continue
-        candidate = check_fit(cfg, other, target, max_context, backend, propose=False)
+        candidate = check_fit(cfg, other, target, max_context, backend, propose=False, wide_share=wide_share)
         if name != preset.name and candidate.estimate.memory < own.memory and candidate.fits:
             out.append(f"--quant {name} fits ({candidate.estimate.memory / MB:.0f} MB of memory, "
                        f"bundle {candidate.estimate.bundle / MB:.0f} MB)")
             break
     context = max_context // 2
     while context >= 256:  # the same preset with a shorter context (only the KV cache and scores shrink)
-        candidate = check_fit(cfg, preset, target, context, backend, propose=False)
+        candidate = check_fit(cfg, preset, target, context, backend, propose=False, wide_share=wide_share)
         if candidate.fits:
             out.append(f"--max-context {context} fits ({candidate.estimate.memory / MB:.0f} MB)")
             break
@@ -379,3 +391,26 @@ def peek_config(source: str | None) -> ModelConfig | None:
         tensors = {t.name: t for t in reader.tensors}
         return gguf_file.gguf_config(gguf_file.Metadata(reader, path), tensors, path)
     return None
+
+
+CARRIED_BLOCK = 32  # sdk/blocks.py BLOCK: GGUF blocks are carried only into int4 groups of 32
+WIDE_TYPES = {"Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # sdk/blocks.py INT8_TYPES (not imported: it brings torch)
+LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def gguf_wide_share(source: str | None) -> float:
+    """The part of a GGUF's layer-linear weights stored at 5 to 8 bits (Q5_0 ... Q8_0), from its header; 0 for
+    anything else. A "Q4_K_M" file can be mostly 5-bit (Qwen2.5-Coder-0.5B: 0.9), which int4 keeps at 8 bits."""
+    from edgepack import intake
+    from edgepack.intake import common, gguf_file
+
+    path = intake.default_model_path() if source is None else Path(source).expanduser()
+    if not (path.is_file() and (path.suffix.lower() == ".gguf" or common.starts_with_magic(path))):
+        return 0.0
+    wide = total = 0
+    for tensor in gguf_file.open_gguf(path).tensors:
+        parts = tensor.name.split(".")
+        if parts[0] == "blk" and parts[-1] == "weight" and parts[-2] in LAYER_LINEARS:
+            total += int(tensor.n_elements)
+            wide += int(tensor.n_elements) if tensor.tensor_type.name in WIDE_TYPES else 0
+    return wide / total if total else 0.0
