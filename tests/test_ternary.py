@@ -220,3 +220,12 @@ def test_torchao_form_carries_the_codes(tmp_path: Path) -> None:
     weight = model.get_parameter(name)
     assert torch.equal(weight.qdata, student.ternary_blocks[name].codes)
     assert torch.equal(weight.dequantize(), student.state_dict[name])
+
+
+def test_onnxruntime_genai_runs_the_ternary_bundle(ternary_bundle) -> None:
+    """The 2-bit MatMulNBits graph opens, unchanged, in onnxruntime-genai (what ONNX apps embed), and its greedy
+    tokens are `edgepack run`'s."""
+    from test_app_runtimes import assert_genai_equals_edgepack_run
+
+    _, bundle = ternary_bundle
+    assert_genai_equals_edgepack_run(bundle, new_tokens=24)
