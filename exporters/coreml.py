@@ -120,7 +120,7 @@ def _block_offset_grid(module: nn.Module) -> Grid:
     """`BlockOffsetLinear` (carried GGUF Q4_1 blocks): w = s*q + o  ->  s * (q - (-o/s))."""
     main = _grid_of(module.main.weight)
     assert main is not None and main.offsets is None
-    o = _as_float(module.offsets.weight).numpy()
+    o = (_as_float(module.offsets.weight) * module.block_scale).numpy()  # the student's offsets (`Smoothing`)
     s = main.scales
     zero = s == 0  # a constant block: represent o as o * (0 - (-1))
     codes = np.where(np.repeat(zero, main.block, axis=1), 0, main.codes).astype(np.int8)
@@ -184,6 +184,17 @@ def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     c = x.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
     y = x / c
     return norm.weight * (y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + norm.eps / (c * c)))
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's MLP, BitNet's sub-norm before down_proj through `_rms_norm`: the squared-ReLU products reach
+    thousands, whose squares overflow fp16 in a plain RMSNorm (the model's own normalizes in fp32, which the
+    package's fp16 precision would undo)."""
+    if mlp.ffn_sub_norm is None:
+        return mlp(x)
+    x = through(mlp.int8_inputs, x)
+    hidden = _rms_norm(mlp.ffn_sub_norm, mlp.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+    return mlp.down_proj(through(mlp.int8_inputs, hidden))
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -262,7 +273,7 @@ class CoreMLCausalLM(nn.Module):
         if attn.attn_sub_norm is not None:  # BitNet: its sub-norm and int8 rounding before o_proj
             out = _rms_norm(attn.attn_sub_norm, out)
         x = x + attn.o_proj(through(attn.int8_inputs, out))
-        return x + layer.mlp(_rms_norm(layer.post_attention_layernorm, x))
+        return x + _mlp(layer.mlp, _rms_norm(layer.post_attention_layernorm, x))
 
     def write_states(self, attend: Attend) -> None:
         """One write per state (-> Core ML coreml_update_state), every layer's cache at once."""

@@ -231,9 +231,13 @@ class XnnpackBlockOffsetLinear(nn.Module):
         self.offsets = DynamicQuantLinear(linear.offsets)  # always int8 (`quantize.OFFSETS_RECIPE`)
         self.offsets.scale.mul_(BLOCK)  # its own copy of the scales
         self.blocks = linear.in_features // BLOCK
+        smoothed = not bool((linear.block_scale == 1).all())
+        self.block_scale = linear.block_scale.clone() if smoothed else None  # no multiply where there is none
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         means = x.view(-1, self.blocks, 1, BLOCK).mean((2, 3), keepdim=True).view(-1, self.blocks)
+        if self.block_scale is not None:
+            means = means * self.block_scale
         return self.main(x) + self.offsets(means)
 
 
@@ -278,34 +282,38 @@ def relu_times_relu(x: torch.Tensor) -> torch.Tensor:
 XNNPACK_ACTIVATIONS = {F.silu: F.silu, relu_squared: relu_times_relu}
 
 
-class PackedInt4Embedding(nn.Module):
-    """An int4 embedding table in the layout of ExecuTorch's `embedding_4bit` kernel: two codes per byte,
-    fp16 scales, no zero points (the preset's codes are symmetric).
+class PackedEmbedding(nn.Module):
+    """An int4 or int8 embedding table in the layout of ExecuTorch's `embedding_4bit` / `embedding_byte`
+    kernels: int4 two codes per byte; fp16 scales, no zero points (the preset's codes are symmetric).
 
     torchao's own lowering of the same table stores fp32 scales plus an all-zero int8 zero-point tensor
-    (2.2 MB more on the default model); fp16 scales through the op's `.dtype` variant read back correctly.
+    (2.2 MB more on the default model); fp16 scales through the ops' `.dtype` variants read back correctly.
     """
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bits: int) -> None:
         super().__init__()
-        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (registers the op)
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (registers the ops)
 
-        unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
-        self.register_buffer("packed", unsigned[:, 0::2] * 16 + unsigned[:, 1::2])
+        self.bits = bits
+        if bits == 4:
+            unsigned = (codes.to(torch.int16) + 8).to(torch.uint8)
+            codes = unsigned[:, 0::2] * 16 + unsigned[:, 1::2]
+        self.register_buffer("packed", codes.contiguous())
         self.register_buffer("scales", scales.to(torch.float16).contiguous())
 
     @classmethod
-    def from_torchao(cls, embedding: nn.Embedding) -> "PackedInt4Embedding | None":
+    def from_torchao(cls, embedding: nn.Embedding) -> "PackedEmbedding | None":
         weight = embedding.weight
         zero = getattr(weight, "zero_point", None)
-        if getattr(weight, "target_dtype", None) != torch.int4 or (zero is not None and bool(zero.any())):
+        bits = {torch.int4: 4, torch.int8: 8}.get(getattr(weight, "target_dtype", None))
+        if bits is None or (zero is not None and bool(zero.any())):
             return None
-        return cls(weight.qdata, weight.scale.reshape(weight.qdata.shape[0], -1))
+        return cls(weight.qdata, weight.scale.reshape(weight.qdata.shape[0], -1), bits)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized_decomposed.embedding_4bit.dtype(
-            self.packed, self.scales, None, -8, 7, tokens, dtype=torch.float32
-        )
+        ops = torch.ops.quantized_decomposed
+        op, low, high = (ops.embedding_4bit, -8, 7) if self.bits == 4 else (ops.embedding_byte, -128, 127)
+        return op.dtype(self.packed, self.scales, None, low, high, tokens, dtype=torch.float32)
 
 
 class XnnpackProgram(nn.Module):
@@ -321,7 +329,7 @@ class XnnpackProgram(nn.Module):
         backbone = model.model
         self.max_context, self.rope_dtype = model.max_context, model.rope_dtype()
         self.register_buffer("inv_freq", model.inv_freq, persistent=False)
-        self.embed_tokens = PackedInt4Embedding.from_torchao(backbone.embed_tokens) or backbone.embed_tokens
+        self.embed_tokens = PackedEmbedding.from_torchao(backbone.embed_tokens) or backbone.embed_tokens
         self.layers = nn.ModuleList(XnnpackDecoderLayer(layer) for layer in backbone.layers)
         self.norm = XnnpackRMSNorm(backbone.norm)
         self.lm_head = xnnpack_linear(model.lm_head)

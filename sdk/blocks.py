@@ -59,6 +59,17 @@ class Int4Blocks:
         offsets = torch.where(negative, offsets - self.scales, offsets)
         return Int4Blocks(codes, self.scales.abs(), offsets)
 
+    def scaled(self, rows: torch.Tensor | None = None, column_blocks: torch.Tensor | None = None) -> "Int4Blocks":
+        """The same codes for the weights times `rows` [rows] per row and `column_blocks` [cols // 32] per block
+        of columns: only scales and offsets change, so nothing is rounded."""
+        factor = torch.ones_like(self.scales)
+        if rows is not None:
+            factor = factor * rows.float()[:, None]
+        if column_blocks is not None:
+            factor = factor * column_blocks.float()[None, :]
+        offsets = None if self.offsets is None else self.offsets * factor
+        return Int4Blocks(self.codes, self.scales * factor, offsets)
+
     def map_rows(self, fn) -> "Int4Blocks":
         """Apply the same row reordering to codes, scales and offsets (e.g. llama.cpp's q/k permutation)."""
         return Int4Blocks(fn(self.codes), fn(self.scales), None if self.offsets is None else fn(self.offsets))

@@ -116,9 +116,9 @@ def _fit_check(config: Any, target: Target, preset: QuantPreset, context: int, b
                source: str | None) -> Any:
     """Refuse, before any long work, a model that would not fit the target's memory or bundle budget
     (`backend`: "name/delegate"), or whose export this machine cannot hold."""
-    from edgepack.fit import check_export_memory, check_fit, gguf_wide_share
+    from edgepack.fit import check_export_memory, check_fit, gguf_wide_weights
 
-    report = check_fit(config, preset, target, context, backend, wide_share=gguf_wide_share(source))
+    report = check_fit(config, preset, target, context, backend, wide=gguf_wide_weights(source))
     report.raise_if_not_fits()
     check_export_memory(config)
     return report

@@ -51,6 +51,17 @@ FIXED_RECIPES = {"ternary": (4, 32)}
 
 
 @dataclass(frozen=True)
+class WideWeights:
+    """What a GGUF student stores at 5 to 8 bits: the part of its layer-linear weights, and its table."""
+
+    layer_share: float = 0.0
+    embedding: bool = False
+
+
+NARROW = WideWeights()
+
+
+@dataclass(frozen=True)
 class FitEstimate:
     """Bytes by part; `memory` is the peak at max context, `bundle` what ships."""
 
@@ -164,12 +175,13 @@ def _recipe_bytes(recipe: str | None, group: int, in_features: int, dtype_bytes:
     return bits / 8 + SCALE_BYTES / per_scale
 
 
-def weight_bytes(cfg: ModelConfig, preset: QuantPreset, wide_share: float = 0.0) -> dict[str, float]:
+def weight_bytes(cfg: ModelConfig, preset: QuantPreset, wide: WideWeights = NARROW) -> dict[str, float]:
     """Stored bytes of each part of the model under `preset` (a quantized preset unties the output layer).
 
-    `wide_share`: the part of the layer linears' weights a GGUF stores at 5 to 8 bits (`gguf_wide_share`), which
-    the int4 recipe keeps at 8 bits (`quantize._wide_blocks`), per output channel as ExecuTorch stores them."""
+    `wide`: what a GGUF stores at 5 to 8 bits (`gguf_wide_weights`), which the int4 recipe keeps at 8 bits
+    (`quantize._wide_blocks`, `quantize._embedding_recipe`), per output channel as ExecuTorch stores them."""
     keeps_wide = preset.linear == "8da4w" and preset.group_size == CARRIED_BLOCK
+    wide_share = wide.layer_share if keeps_wide else 0.0
     dtype_bytes = 2 if preset.dtype in ("float16", "bfloat16") else 4
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     linears = [(h, q), (h, kv), (h, kv), (q, h), (h, cfg.intermediate_size), (h, cfg.intermediate_size),
@@ -179,14 +191,17 @@ def weight_bytes(cfg: ModelConfig, preset: QuantPreset, wide_share: float = 0.0)
         group = preset.group_size if preset.linear else 0
         usable = preset.linear if (not group or n_in % group == 0) else None  # quantize.py skips the rest
         per_weight = _recipe_bytes(usable, group, n_in, dtype_bytes)
-        if keeps_wide and wide_share:
+        if wide_share:
             per_weight += wide_share * (_recipe_bytes("8da8w", 0, n_in, dtype_bytes) - per_weight)
         per_layer += n_in * n_out * per_weight
     small = small_per_layer(cfg)  # norms and biases stay in the model dtype
     embed = cfg.vocab_size * h
+    table_recipe, table_group = preset.embedding, preset.embedding_group_size
+    if preset.embedding == "4w" and wide.embedding:
+        table_recipe, table_group = "8w", 0
     parts = {
         "layers": cfg.num_layers * (per_layer + small * dtype_bytes),
-        "embedding": embed * _recipe_bytes(preset.embedding, preset.embedding_group_size, h, dtype_bytes),
+        "embedding": embed * _recipe_bytes(table_recipe, table_group, h, dtype_bytes),
         "final_norm": h * dtype_bytes,
     }
     if preset.quantized or not cfg.tie_word_embeddings:
@@ -227,13 +242,13 @@ def activation_bytes(cfg: ModelConfig, preset: QuantPreset, max_context: int, ch
 
 
 def estimate(cfg: ModelConfig, preset: QuantPreset, max_context: int, backend: str = "executorch",
-             target: Target | None = None, wide_share: float = 0.0) -> FitEstimate:
+             target: Target | None = None, wide: WideWeights = NARROW) -> FitEstimate:
     """`backend` is "name" or "name/delegate"; with `target`, the exporter's own extra files count in the bundle;
-    `wide_share` as in `weight_bytes`."""
+    `wide` as in `weight_bytes`."""
     from edgepack.exporters import extra_bundle_bytes, stored_weight_bytes
 
     name, _, delegate = backend.partition("/")
-    weights = stored_weight_bytes(name, cfg, preset) or weight_bytes(cfg, preset, wide_share)
+    weights = stored_weight_bytes(name, cfg, preset) or weight_bytes(cfg, preset, wide)
     extra = extra_bundle_bytes(name, cfg, target, delegate or None) if target is not None else 0.0
     return FitEstimate(
         weights=weights,
@@ -279,9 +294,9 @@ def check_fit(
     max_context: int,
     backend: str = "executorch",
     propose: bool = True,
-    wide_share: float = 0.0,
+    wide: WideWeights = NARROW,
 ) -> FitReport:
-    """The estimate against the target's limits, with what would fit when it does not (`wide_share`: see
+    """The estimate against the target's limits, with what would fit when it does not (`wide`: see
     `weight_bytes`)."""
     mem_limit, mem_name = memory_limit(target)
     bundle_limit = target.budgets.get("bundle_mb")
@@ -290,32 +305,32 @@ def check_fit(
         preset=preset.name,
         max_context=max_context,
         backend=backend,
-        estimate=estimate(cfg, preset, max_context, backend, target, wide_share),
+        estimate=estimate(cfg, preset, max_context, backend, target, wide),
         memory_limit_mb=mem_limit,
         memory_limit_name=mem_name,
         bundle_limit_mb=float(bundle_limit) if bundle_limit else None,
     )
     if report.fits or not propose:
         return report
-    proposals = _proposals(cfg, preset, target, max_context, backend, wide_share)
+    proposals = _proposals(cfg, preset, target, max_context, backend, wide)
     return FitReport(**{**report.__dict__, "proposals": proposals})
 
 
 def _proposals(cfg: ModelConfig, preset: QuantPreset, target: Target, max_context: int, backend: str,
-               wide_share: float) -> list[str]:
+               wide: WideWeights) -> list[str]:
     out: list[str] = []
-    own = estimate(cfg, preset, max_context, backend, target, wide_share)
+    own = estimate(cfg, preset, max_context, backend, target, wide)
     for name, other in PRESETS.items():  # smaller presets at the same context, largest first
         if not _can_take(other, cfg):
             continue
-        candidate = check_fit(cfg, other, target, max_context, backend, propose=False, wide_share=wide_share)
+        candidate = check_fit(cfg, other, target, max_context, backend, propose=False, wide=wide)
         if name != preset.name and candidate.estimate.memory < own.memory and candidate.fits:
             out.append(f"--quant {name} fits ({candidate.estimate.memory / MB:.0f} MB of memory, "
                        f"bundle {candidate.estimate.bundle / MB:.0f} MB)")
             break
     context = max_context // 2
     while context >= 256:  # the same preset with a shorter context (only the KV cache and scores shrink)
-        candidate = check_fit(cfg, preset, target, context, backend, propose=False, wide_share=wide_share)
+        candidate = check_fit(cfg, preset, target, context, backend, propose=False, wide=wide)
         if candidate.fits:
             out.append(f"--max-context {context} fits ({candidate.estimate.memory / MB:.0f} MB)")
             break
@@ -398,19 +413,23 @@ WIDE_TYPES = {"Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # sdk/blocks.py INT8_TYPE
 LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
-def gguf_wide_share(source: str | None) -> float:
-    """The part of a GGUF's layer-linear weights stored at 5 to 8 bits (Q5_0 ... Q8_0), from its header; 0 for
-    anything else. A "Q4_K_M" file can be mostly 5-bit (Qwen2.5-Coder-0.5B: 0.9), which int4 keeps at 8 bits."""
+def gguf_wide_weights(source: str | None) -> WideWeights:
+    """What a GGUF stores at 5 to 8 bits (Q5_0 ... Q8_0), from its header; nothing for other sources. A "Q4_K_M"
+    file can be mostly 5-bit (Qwen2.5-Coder-0.5B: 85% of its layer weights, and its table)."""
     from edgepack import intake
     from edgepack.intake import common, gguf_file
 
     path = intake.default_model_path() if source is None else Path(source).expanduser()
     if not (path.is_file() and (path.suffix.lower() == ".gguf" or common.starts_with_magic(path))):
-        return 0.0
+        return NARROW
     wide = total = 0
+    table = False
     for tensor in gguf_file.open_gguf(path).tensors:
         parts = tensor.name.split(".")
-        if parts[0] == "blk" and parts[-1] == "weight" and parts[-2] in LAYER_LINEARS:
+        is_wide = tensor.tensor_type.name in WIDE_TYPES
+        if tensor.name == "token_embd.weight":
+            table = is_wide
+        elif parts[0] == "blk" and parts[-1] == "weight" and parts[-2] in LAYER_LINEARS:
             total += int(tensor.n_elements)
-            wide += int(tensor.n_elements) if tensor.tensor_type.name in WIDE_TYPES else 0
-    return wide / total if total else 0.0
+            wide += int(tensor.n_elements) if is_wide else 0
+    return WideWeights(wide / total if total else 0.0, table)

@@ -469,10 +469,12 @@ class CausalLM(nn.Module):
 
 
 @torch.no_grad()
-def stream_hidden_states(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+def stream_hidden_states(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor], ids: torch.Tensor,
+                         watch: Prepare | None = None) -> torch.Tensor:
     """The float model's final-norm outputs [1, T, hidden] for `ids` [T], one piece in memory at a time: each
     piece is read, run over all T tokens and dropped. Statistics of a model that is never built whole
-    (calibration of a 1.5B student without its 6.2 GB float32 copy)."""
+    (calibration of a 1.5B student without its 6.2 GB float32 copy); `watch(prefix, piece)` is called on each
+    piece before it runs (e.g. to hook what its linears read)."""
     with torch.device("meta"):
         model = CausalLM(cfg, max_context=len(ids))
     model.inv_freq = rope_frequencies(cfg)
@@ -482,6 +484,8 @@ def stream_hidden_states(cfg: ModelConfig, state_dict: Mapping[str, torch.Tensor
         if prefix == "lm_head":
             break
         _read_piece(piece, state_dict, prefix)
+        if watch is not None:
+            watch(prefix, piece)
         x = piece(x, cos, sin, 0) if isinstance(piece, DecoderLayer) else piece(x)
         piece.to_empty(device="meta")
     return x

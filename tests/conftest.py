@@ -174,3 +174,17 @@ def gguf_writer(path, arch: str, cfg):
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     add_gguf_tokenizer(writer, cfg.vocab_size)
     return writer
+
+
+def synthetic_table(model, kind: str = "Q8_0") -> dict:
+    """Give the embedding table GGUF-quantized weights (SmolLM2's is Q8_0, Qwen2.5-Coder's Q5_0); its blocks."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from edgepack import blocks
+
+    table = model.model.embed_tokens.weight
+    raw = quantize(table.detach().numpy(), GGMLQuantizationType[kind])
+    found = {"model.embed_tokens.weight": blocks.decode(raw, kind, tuple(table.shape))}
+    table.data = found["model.embed_tokens.weight"].dequantize()
+    return found

@@ -193,3 +193,22 @@ def test_coreml_package_reads_back_the_ternary_weights(student, ternary_model, t
         scale = blocks.scales_per(32).to(torch.float16).float().repeat_interleave(32, dim=1)
         assert torch.equal(weights[name], blocks.codes.float() * scale), name
         assert torch.equal(torch.sign(weights[name]), blocks.codes.float().sign()), name
+
+
+def test_coreml_normalizes_every_bitnet_norm_safely_in_fp16(ternary_model) -> None:
+    """Core ML computes the package in fp16, where a plain RMSNorm of BitNet's MLP products (thousands) overflows
+    on the sum of squares. Every norm of the converted program, the two sub-norms included, divides by its
+    max |x| first (`coreml._rms_norm`): one amax per norm (with the ffn sub-norm's plain RMSNorm: one fewer a layer)."""
+    from edgepack.exporters.coreml import MAIN, _rms_norm, coreml_module, export_program
+
+    norm = copy.deepcopy(ternary_model.model.layers[0].mlp.ffn_sub_norm).half()
+    width = norm.weight.numel()
+    x = torch.full((1, 4, width), 3000.0, dtype=torch.float16)
+    plain = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))
+    assert not plain.any()  # the sum of squares overflows to inf: every output 0 instead of 1
+    torch.testing.assert_close(_rms_norm(norm, x).float(), norm.weight.float().expand(1, 4, width), rtol=1e-2, atol=1e-2)
+    module, _ = coreml_module(copy.deepcopy(ternary_model), CONTEXT, MAIN)
+    graph = export_program(module, None).graph
+    amax = [n for n in graph.nodes if n.op == "call_function" and "amax" in str(n.target)]
+    layers = ternary_model.config.num_layers
+    assert len(amax) == (4 * layers + 1) + 4 * layers  # norms, then BitNet's int8 roundings (absmax per token)

@@ -408,3 +408,21 @@ def test_default_coreml_weights_track_fp32_on_real_text(default_coreml_bundle, d
     print(result.to_dict())
     assert result.tokens >= 1000
     assert result.top1_agreement >= 0.95
+
+
+def test_a_smoothed_q4_1_linear_keeps_the_students_weights_in_its_grid():
+    """A carried Q4_1 linear whose input is smoothed (`quantize.Smoothing`) keeps its offsets unscaled next to a
+    per-block input scale; the Core ML grid folds both back: the smoothed weights, exactly."""
+    from edgepack.blocks import decode
+    from edgepack.exporters.coreml import _block_offset_grid
+    from edgepack.quantize import BlockOffsetLinear
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    weight = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    blocks = decode(quantize(weight, GGMLQuantizationType.Q4_1), "Q4_1", (8, 64)).with_positive_scales()
+    factor = torch.tensor([3.0, 0.5])
+    smoothed = blocks.scaled(column_blocks=factor)
+    linear = BlockOffsetLinear(torch.nn.Linear(64, 8, bias=False), smoothed, factor)
+    grid = _block_offset_grid(linear)
+    np.testing.assert_allclose(grid.dequantize(), smoothed.dequantize().numpy(), rtol=1e-5, atol=1e-5)

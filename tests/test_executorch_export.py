@@ -17,6 +17,7 @@ from edgepack.runtime import Session, TorchDecoder
 from edgepack.runtime.executorch_backend import ExecuTorchDecoder
 
 from conftest import random_model, run_sequence, tiny_config
+from conftest import synthetic_table
 from test_progress import Recorder
 
 CONTEXT, PREFILL = 64, 16
@@ -53,9 +54,12 @@ def test_fp32_program_matches_eager(tmp_path, tokens, architecture):
     np.testing.assert_allclose(scored, expected, atol=2e-4, rtol=1e-4)
 
 
-def test_int4_program_matches_eager_quantized_model(tmp_path, tokens):
-    """Same torchao int4 recipe, eager vs XNNPACK kernels: differences are rounding only."""
-    model = apply_preset(random_model(tiny_config(), max_context=CONTEXT), get_preset("int4"))
+@pytest.mark.parametrize("table", ["float", "Q8_0"])
+def test_int4_program_matches_eager_quantized_model(tmp_path, tokens, table):
+    """Same torchao int4 recipe, eager vs XNNPACK kernels: differences are rounding only. A GGUF's Q8_0 table
+    stays int8 (`embedding_byte`), a float one goes to int4 (`embedding_4bit`)."""
+    model = random_model(tiny_config(), max_context=CONTEXT)
+    model = apply_preset(model, get_preset("int4"), synthetic_table(model) if table == "Q8_0" else None)
     expected = run_sequence(TorchDecoder(copy.deepcopy(model)), tokens)
     progress = Recorder()
     actual = run_sequence(export(model, tmp_path, "int4", progress), tokens)

@@ -15,6 +15,7 @@ from edgepack.model import apply_rope
 from edgepack.quantize import apply_preset, get_preset
 
 from conftest import random_model, tiny_config
+from conftest import synthetic_table
 from test_blocks import synthetic_blocks
 
 CONTEXT = 64
@@ -72,3 +73,22 @@ def test_an_all_zero_weight_group_keeps_its_zeros_with_a_scale_xnnpack_takes():
     x = torch.randn(5, linear.in_features)
     kept = converted.qdata.float() * converted.scale.repeat_interleave(32, 1)
     torch.testing.assert_close(F.linear(x, kept), F.linear(x, linear.weight.dequantize()))
+
+
+def test_a_gguf_table_at_8_bits_is_gathered_by_the_int8_kernel_form():
+    """int4 keeps a GGUF's Q8_0 table at int8 per row; the program gathers it with `embedding_byte` (fp16 scales),
+    which must read back the quantized table, and the model is tied so the output layer is untouched by it."""
+    from edgepack.exporters.executorch import PackedEmbedding
+
+    model = random_model(tiny_config(), max_context=CONTEXT)
+    found = synthetic_table(model)
+    quantized = apply_preset(copy.deepcopy(model), get_preset("int4"), found)
+    table = quantized.model.embed_tokens.weight
+    assert table.target_dtype == torch.int8
+    packed = PackedEmbedding.from_torchao(quantized.model.embed_tokens)
+    assert packed is not None and packed.bits == 8
+    tokens = torch.arange(0, 320, 7)
+    expected = table.dequantize()[tokens]
+    torch.testing.assert_close(packed(tokens), expected, atol=1e-3 * expected.abs().max().item(), rtol=0)
+    exact = found["model.embed_tokens.weight"].dequantize()[tokens]
+    assert (packed(tokens) - exact).abs().max() < 0.01 * exact.abs().max()  # the student's own table, near enough

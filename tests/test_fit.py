@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from edgepack.cli import main
 from edgepack.errors import EdgepackError
-from edgepack.fit import check_fit, kv_cache_bytes, peek_config, weight_bytes
+from edgepack.fit import check_fit, gguf_wide_weights, kv_cache_bytes, peek_config, weight_bytes
 from edgepack.model import ModelConfig, build_model
 from edgepack.quantize import get_preset
 from edgepack.targets import get_target
@@ -98,13 +98,12 @@ def test_int4_estimate_matches_the_quantized_tensors() -> None:
     assert abs(estimate - stored) / stored < 0.02, (estimate, stored)
 
 
-def test_int4_estimate_counts_the_gguf_linears_kept_at_8_bits(tmp_path: Path) -> None:
-    """A GGUF's 5- to 8-bit layer linears stay at 8 bits under int4 (Qwen2.5-Coder-0.5B's "Q4_K_M" is 85% Q5_0 by
-    weight: 528 MB on ExecuTorch against the 441 MB an all-int4 estimate gave): the header says how many."""
+def test_int4_estimate_counts_the_gguf_weights_kept_at_8_bits(tmp_path: Path) -> None:
+    """A GGUF's 5- to 8-bit layer linears and table stay at 8 bits under int4 (Qwen2.5-Coder-0.5B's "Q4_K_M" is
+    85% Q5_0 by weight: 528 MB on ExecuTorch against the 441 MB an all-int4 estimate gave): the header says so."""
     import gguf
     import transformers
 
-    from edgepack.fit import gguf_wide_share
     from edgepack.intake import load_student
     from edgepack.quantize import piece_quantizer
     from test_intake import SMALL, tiny_state_dict, write_gguf
@@ -114,10 +113,10 @@ def test_int4_estimate_counts_the_gguf_linears_kept_at_8_bits(tmp_path: Path) ->
     student = load_student(str(path))
     model = build_model(student.config, student.state_dict, 64,
                         prepare=piece_quantizer(get_preset("int4"), student.gguf_blocks))
-    share = gguf_wide_share(str(path))
-    assert share == 1.0
+    wide = gguf_wide_weights(str(path))
+    assert wide.layer_share == 1.0 and wide.embedding
     stored = _stored_bytes(model)
-    estimate = sum(weight_bytes(student.config, get_preset("int4"), share).values())
+    estimate = sum(weight_bytes(student.config, get_preset("int4"), wide).values())
     all_int4 = sum(weight_bytes(student.config, get_preset("int4")).values())
     assert abs(estimate - stored) / stored < 0.02 < (stored - all_int4) / stored, (estimate, stored, all_int4)
 
@@ -144,7 +143,7 @@ def test_estimate_is_close_to_the_default_int4_program(default_int4_bundle: Path
     manifest = json.loads((default_int4_bundle / "manifest.json").read_text())
     cfg = ModelConfig(**manifest["model"]["config"])
     program = manifest["files"][manifest["backend"]["program"]]["size"]
-    estimate = sum(weight_bytes(cfg, get_preset("int4")).values())
+    estimate = sum(weight_bytes(cfg, get_preset("int4"), gguf_wide_weights(None)).values())  # its Q8_0 table
     assert abs(estimate - program) / program < 0.15, (estimate, program)
 
 
