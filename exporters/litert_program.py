@@ -1,7 +1,9 @@
 """The LiteRT form of `CausalLM`: what litert-torch converts into a `.tflite` with `prefill_T` and `decode`
-signatures and an external KV cache, in the contract LiteRT-LM's executor drives (litert-torch's own
-`generative` models: `tokens [1, T]`, `input_pos [T]`, `kv_cache_k_i` / `kv_cache_v_i` [1, S, kv_heads, D]
-in and out, `logits [1, T, vocab]` from decode only).
+signatures and an external KV cache, in the contract LiteRT-LM 0.18's executor drives (that of litert-torch
+0.10's `export_hf` models: `tokens [1, T]`, `input_pos [T]`, `kv_cache_k_i` [1, kv_heads, S, D] and
+`kv_cache_v_i` [1, kv_heads, D, S] in and out, `logits [1, 1, vocab]` from decode only). LiteRT-LM reads the
+context length from dimension 2 of `kv_cache_k_0`: the older [1, S, kv_heads, D] layout of litert-torch's
+`generative` examples makes it read the head count instead ("38 >= 2" tokens refused).
 
 Why not `CausalLM` as it is: its cache is a buffer mutated in place and attention reads a prefix whose length
 depends on `input_pos` (a data-dependent shape). A `.tflite` has static shapes and no state, so here the cache
@@ -33,11 +35,12 @@ def kv_cache_class() -> Any:
 
 
 def empty_cache(model: CausalLM, length: int) -> Any:
-    """A zero cache [1, length, kv_heads, head_dim] per layer (the sample input of a signature)."""
+    """A zero cache per layer, keys [1, kv_heads, length, head_dim], values [1, kv_heads, head_dim, length]
+    (the sample input of a signature)."""
     kv = kv_cache_class()
     cfg = model.config
-    shape = (1, length, cfg.num_kv_heads, cfg.head_dim)
-    entries = tuple(kv.KVCacheEntry(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_layers))
+    keys, values = (1, cfg.num_kv_heads, length, cfg.head_dim), (1, cfg.num_kv_heads, cfg.head_dim, length)
+    entries = tuple(kv.KVCacheEntry(torch.zeros(keys), torch.zeros(values)) for _ in range(cfg.num_layers))
     return kv.KVCache(entries)
 
 
@@ -61,14 +64,13 @@ class LiteRtAttention(nn.Module):
         k = a.k_proj(x).view(1, seq, a.num_kv_heads, d)
         v = a.v_proj(x).view(1, seq, a.num_kv_heads, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        zero = torch.zeros([], dtype=torch.int32)
-        at = [zero, input_pos[0].reshape([]), zero, zero]
-        k_all = dynamic_update_slice(entry.k_cache, k, at)
-        v_all = dynamic_update_slice(entry.v_cache, v, at)
+        zero, start = torch.zeros([], dtype=torch.int32), input_pos[0].reshape([])
+        k_all = dynamic_update_slice(entry.k_cache, k.transpose(1, 2), [zero, zero, start, zero])
+        v_all = dynamic_update_slice(entry.v_cache, v.permute(0, 2, 3, 1), [zero, zero, zero, start])
         # [1, kv, G*T, D]: query heads h = kv * G + g, so each KV head's G query heads are contiguous
         q = q.transpose(1, 2).reshape(1, a.num_kv_heads, self.groups * seq, d)
-        scores = torch.matmul(q, k_all.permute(0, 2, 3, 1)) * self.scale + mask
-        out = torch.matmul(torch.softmax(scores, dim=-1), v_all.transpose(1, 2))
+        scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scale + mask
+        out = torch.matmul(torch.softmax(scores, dim=-1), v_all.transpose(2, 3))
         out = out.reshape(1, a.num_heads, seq, d).transpose(1, 2).reshape(1, seq, a.num_heads * d)
         out = through(a.attn_sub_norm, out)
         kv = kv_cache_class()
@@ -89,7 +91,7 @@ class LiteRtProgram(nn.Module):
         kv = kv_cache_class()
         model = self.model
         seq = tokens.shape[1]
-        length = kv_cache.caches[0].k_cache.shape[1]
+        length = kv_cache.caches[0].k_cache.shape[2]
         groups = self.layers[0].groups
         positions = input_pos.float()
         angles = positions[:, None] * model.inv_freq[None, :]
