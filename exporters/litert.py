@@ -102,7 +102,8 @@ def quantize_program(program: bytes, preset: Any) -> bytes:
     bits, group = {"int8": (8, granularity.CHANNELWISE), "int4": (4, granularity.BLOCKWISE_32)}[preset.name]
     engine = quantizer.Quantizer(program)
     engine.add_dynamic_config(regex=".*", operation_name=ops.FULLY_CONNECTED, num_bits=bits, granularity=group)
-    engine.add_dynamic_config(regex="lm_head", operation_name=ops.FULLY_CONNECTED, num_bits=8,
+    # the output layer's op is named by its output tensor, `decode_logits_output` (it runs in decode only)
+    engine.add_dynamic_config(regex="logits|lm_head", operation_name=ops.FULLY_CONNECTED, num_bits=8,
                               granularity=granularity.CHANNELWISE)
     engine.add_dynamic_config(regex=".*", operation_name=ops.EMBEDDING_LOOKUP, num_bits=bits, granularity=group)
     return bytes(engine.quantize().quantized_model)
