@@ -78,18 +78,29 @@ def test_int4_program_stores_int4_blocks_and_tracks_the_same_weights_in_torch(tm
     fp32 = convert_program(model, PREFILL, CONTEXT)
     int4 = quantize_program(fp32, get_preset("int4"))
     assert len(int4) < 0.3 * len(fp32)
-    assert int4_tensor_count(int4) == 7 * cfg.num_layers + 1  # every layer linear and the embedding table
+    types = weight_types(int4)
+    assert types.pop("decode_logits_output") == "INT8"  # the output layer: int8 per channel
+    assert set(types.values()) == {"INT4"}, types  # every layer linear and the embedding table
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, 48)
     got, want = litert_logits(decoder_for(int4, tmp_path, cfg.vocab_size), tokens, 9), torch_logits(model, tokens, 9)
     assert kl(want, got) < 0.01
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
 
 
-def int4_tensor_count(program: bytes) -> int:
+def weight_types(program: bytes) -> dict[str, str]:
+    """Output tensor name -> weight tensor type of every FULLY_CONNECTED / EMBEDDING_LOOKUP op in the program."""
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(program, 0)
-    return sum(t.type == schema.TensorType.INT4 for t in model.subgraphs[0].tensors)
+    ops = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    types = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    found = {}
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            if ops[max(code.builtinCode, code.deprecatedBuiltinCode)] in ("FULLY_CONNECTED", "EMBEDDING_LOOKUP"):
+                found[graph.tensors[op.outputs[0]].name.decode()] = types[graph.tensors[op.inputs[1]].type]
+    return found
 
 
 @pytest.fixture(scope="module")
