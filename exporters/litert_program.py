@@ -90,7 +90,6 @@ class LiteRtProgram(nn.Module):
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: Any) -> dict[str, Any]:
         kv = kv_cache_class()
         model = self.model
-        seq = tokens.shape[1]
         length = kv_cache.caches[0].k_cache.shape[2]
         groups = self.layers[0].groups
         positions = input_pos.float()
