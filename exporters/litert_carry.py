@@ -71,9 +71,8 @@ def write_carried_blocks(program: bytes, carried: list[Int4Blocks]) -> tuple[byt
             shape = tuple(int(n) for n in tensor.shape)
             if tensor.buffer in done or details.blockSize != BLOCK or not by_shape.get(shape):
                 continue
-            codes_view = raw.Buffers(tensor.buffer).DataAsNumpy()
-            scales_tensor = graph.tensors[details.scales]
-            scales_view = raw.Buffers(scales_tensor.buffer).DataAsNumpy()
+            codes_view = buffer_view(raw, data, tensor.buffer)
+            scales_view = buffer_view(raw, data, graph.tensors[details.scales].buffer)
             rows = slice(0, 8)  # a few rows tell the matrices apart
             stored = unpack_int4(codes_view, shape)[rows] * _fp16(scales_view).reshape(shape[0], -1)[rows].repeat(
                 BLOCK, axis=1)
@@ -85,6 +84,15 @@ def write_carried_blocks(program: bytes, carried: list[Int4Blocks]) -> tuple[byt
             scales_view[:] = best.scales.numpy().astype(np.float16).reshape(-1).view(np.uint8)
             done.add(tensor.buffer)
     return bytes(data), len(done)
+
+
+def buffer_view(model: Any, data: bytearray, index: int) -> np.ndarray:
+    """A writable view of buffer `index`'s bytes: inside the flatbuffer, or (large models: LiteRT writes constants
+    after it) at the buffer's offset in the file."""
+    buffer = model.Buffers(index)
+    if buffer.Offset() > 1:
+        return np.frombuffer(data, np.uint8, count=buffer.Size(), offset=buffer.Offset())
+    return buffer.DataAsNumpy()
 
 
 def _fp16(view: np.ndarray) -> np.ndarray:
