@@ -1,0 +1,159 @@
+"""A release matrix (`edgepack export -t a,b -q x,y`, sdk/matrix.py): its bundles are the bundles serial single
+exports write, the work its cells share is done once, a failed cell does not stop the others; on a real Ray
+cluster (`ray.cluster_utils.Cluster`: a head and a worker node, each its own raylet and worker processes on
+this machine) with a worker node killed while one of its cells runs.
+
+The student is tiny and its weights lie on an int4 grid, so its int4 bundles pass the gate's floors and every
+cell succeeds; the backend is ONNX (seconds per bundle), never ExecuTorch's minutes of lowering."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgepack.export import plan_export, run_export
+from edgepack.matrix import plan_matrix, run_matrix
+
+from conftest import random_model, tiny_config, write_student_folder
+
+TARGETS, PRESETS = ["host", "pixel-9"], ["fp32", "int4"]
+BACKEND = "onnx/cpu"
+TIMING_FIELDS = ("created", "export_seconds")  # what differs between two exports of the same bundle
+
+
+@pytest.fixture(scope="module")
+def student_folder(tmp_path_factory, default_student):
+    """A tiny Llama over SmolLM2's tokenizer whose matrices hold 16 levels per row, both extremes in every block of
+    32: int4 (per 32 or 64) represents them exactly, so int4 bundles lose only to int8 activations."""
+    cfg = tiny_config(vocab_size=default_student.config.vocab_size, max_position_embeddings=256)
+    model = random_model(cfg, max_context=64)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                codes = torch.randint(0, 16, param.shape, generator=generator)
+                codes[:, 0::32], codes[:, 1::32] = 0, 15
+                param.copy_((codes - 8).float() * param.abs().amax(dim=1, keepdim=True) / 8)
+    return write_student_folder(tmp_path_factory.mktemp("matrix") / "student", default_student, cfg, model)
+
+
+@pytest.fixture(scope="module")
+def serial_bundles(tmp_path_factory, student_folder) -> dict[str, Path]:
+    """The same four bundles, each by its own single export, as a user would run them one after another."""
+    out = tmp_path_factory.mktemp("serial")
+    bundles = {}
+    for target in TARGETS:
+        for preset in PRESETS:
+            bundles[f"{target}-{preset}"] = out / f"{target}-{preset}"
+            run_export(plan_export(str(student_folder), target, preset, output=bundles[f"{target}-{preset}"],
+                                   backend=BACKEND))
+    return bundles
+
+
+def comparable(bundle: Path) -> tuple[dict[str, str], dict]:
+    """Every file's checksum, and the manifest without its timestamps and timings."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    files = {name: entry["sha256"] for name, entry in manifest["files"].items()}
+    for name in TIMING_FIELDS:
+        manifest.pop(name)
+    manifest["verification"].pop("seconds")
+    return files, manifest
+
+
+def assert_same_bundles(results, serial_bundles: dict[str, Path]) -> None:
+    assert [r.name for r in results] == list(serial_bundles)
+    for result in results:
+        assert result.ok, f"{result.name}: {result.error}"
+        files, manifest = comparable(Path(result.bundle))
+        serial_files, serial_manifest = comparable(serial_bundles[result.name])
+        assert files == serial_files, result.name
+        assert manifest == serial_manifest, result.name
+        assert manifest["verification"]["status"] == "passed"
+
+
+def matrix_cells(student_folder: Path, out: Path):
+    return plan_matrix(str(student_folder), TARGETS, PRESETS, out, backend=BACKEND)
+
+
+def test_local_matrix_equals_serial_exports_and_shares_work(student_folder, serial_bundles, tmp_path):
+    """Two processes at a time; the int4 model is built once for both int4 cells' gates (same recipe and context)
+    and the fp32 reference runs once for all four."""
+    events = []
+    results = run_matrix(matrix_cells(student_folder, tmp_path / "out"), jobs=2,
+                         report=lambda cell, stage: events.append((cell, stage)))
+    assert_same_bundles(results, serial_bundles)
+    shared = [stage for cell, stage in events if cell == "shared"]
+    assert sum(s.startswith("quantize (int4) once") for s in shared) == 1, shared
+    assert sum(s.startswith("fp32 reference once") for s in shared) == 1, shared
+    assert not any("load reference model" in stage for _, stage in events)  # no cell built its own reference
+    assert {cell for cell, stage in events if stage == "write manifest"} == set(serial_bundles)
+
+
+def test_failed_cell_does_not_stop_the_others(student_folder, tmp_path):
+    """A cell whose output is taken fails with its one-line error at planning; the CLI runs the rest, prints the
+    table, and exits 1. The JSON lists every cell."""
+    taken = tmp_path / "out" / "host-fp32"
+    taken.mkdir(parents=True)
+    (taken / "notes.txt").write_text("not a bundle")
+    result = subprocess.run(
+        [sys.executable, "-m", "edgepack.cli", "export", "-m", str(student_folder), "-t", "host", "-q", "fp32,int4",
+         "--backend", BACKEND, "-o", str(tmp_path / "out"), "--no-verify", "--json"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    cells = {c["cell"]: c for c in json.loads(result.stdout)["cells"]}
+    assert cells["host-fp32"]["ok"] is False and "not empty and not an edgepack bundle" in cells["host-fp32"]["error"]
+    assert cells["host-int4"]["ok"] is True and (tmp_path / "out" / "host-int4" / "manifest.json").is_file()
+    assert (taken / "notes.txt").read_text() == "not a bundle"
+    assert "Traceback" not in result.stderr
+
+
+def test_ray_without_ray_installed_is_one_line(student_folder, tmp_path):
+    """`--ray` where Ray cannot be imported: one line naming the fix, before anything is loaded."""
+    code = ("import sys; sys.modules['ray'] = None; from edgepack.cli import main; "
+            "sys.argv = ['edgepack', 'export', '-t', 'host,pixel-9', '--ray', 'auto']; main()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: --ray needs Ray, which is not installed here; pip install edgepack[ray]"
+
+
+@pytest.fixture
+def ray_cluster():
+    """A head node and one worker node on loopback, one CPU each: two cells at a time, one per node."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    import ray
+
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_ray_matrix_equals_serial_exports_and_survives_a_killed_worker(student_folder, serial_bundles, tmp_path,
+                                                                      ray_cluster):
+    """The four cells as Ray tasks; the worker node is killed (its raylet and workers, not gracefully) as soon as
+    one of its cells reports a stage after starting: that cell is retried on the head node, every bundle still
+    equals its serial export, and the killed cell's result says it took two attempts."""
+    cluster, worker = ray_cluster
+    on_worker, killed, events = set(), [], []
+
+    def report(cell: str, stage: str) -> None:
+        events.append((cell, stage))
+        if stage.startswith("started on ") and worker.node_id[:8] in stage:
+            on_worker.add(cell)
+        elif cell in on_worker and not killed:
+            killed.append(cell)
+            cluster.remove_node(worker, allow_graceful=False)
+
+    results = run_matrix(matrix_cells(student_folder, tmp_path / "out"), ray_address=cluster.address, report=report)
+    assert killed, f"no cell ran on the worker node: {events}"
+    assert_same_bundles(results, serial_bundles)
+    by_name = {r.name: r for r in results}
+    assert by_name[killed[0]].attempts == 2 and worker.node_id[:8] not in by_name[killed[0]].where
+    assert sum(r.attempts for r in results) == len(results) + 1  # only the killed cell ran twice
