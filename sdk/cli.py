@@ -153,7 +153,7 @@ def _export_matrix(source: str | None, target: str, quant: str | None, max_conte
     where = f"on the Ray cluster at {ray_address}" if ray_address else f"{jobs} at a time on this machine"
     out.info(f"exporting a matrix of {len(cells)} bundles ({where}): " + ", ".join(c.name for c in cells))
     with out.quiet_native():
-        results = run_matrix(cells, jobs, ray_address, lambda cell, stage: out.info(f"[{cell}] {stage}"))
+        results = run_matrix(cells, jobs, ray_address, _cell_progress(out))
     failed = [r for r in results if not r.ok]
     if as_json:
         out.result({"cells": [r.to_dict() for r in results], "failed": len(failed)}, "")
@@ -166,6 +166,16 @@ def _export_matrix(source: str | None, target: str, quant: str | None, max_conte
                    + (f"; {len(failed)} failed" if failed else ""))
     if failed:
         sys.exit(1)
+
+
+def _cell_progress(out: Output) -> Callable[[str, str], None]:
+    """One line per cell and stage, with the time since the matrix started (cells run in parallel)."""
+    import time
+
+    from rich.markup import escape
+
+    started = time.monotonic()
+    return lambda cell, stage: out.info(escape(f"{time.monotonic() - started:6.0f} s  {cell}: {stage}"))
 
 
 def _sigterm_as_interrupt() -> None:

@@ -28,28 +28,33 @@ def run_local(jobs: Sequence[CellJob], parallel: int, report: Report) -> list[Ce
             results[name] = payload
             running.pop(name).join()
 
-    while waiting or running:
-        while waiting and len(running) < max(1, parallel):
-            job = waiting.pop(0)
-            process = context.Process(target=_cell_process, args=(job, messages), name=f"edgepack-{job.name}")
-            process.start()
-            running[job.name] = process
-        try:
-            take(messages.get(timeout=0.5))
-            continue
-        except queue_module.Empty:
-            pass
-        if not any(not p.is_alive() for p in running.values()):
-            continue
-        try:  # what an ended process sent may still be in the pipe: read it before calling the process dead
-            while True:
-                take(messages.get(timeout=1.0))
-        except queue_module.Empty:
-            pass
-        for name, process in list(running.items()):  # ended without a result: killed, out of memory, abort
-            if not process.is_alive():
-                results[name] = CellResult(name, False, error=f"its process died (exit code {process.exitcode})")
-                running.pop(name).join()
+    try:
+        while waiting or running:
+            while waiting and len(running) < max(1, parallel):
+                job = waiting.pop(0)
+                process = context.Process(target=_cell_process, args=(job, messages), name=f"edgepack-{job.name}")
+                process.start()
+                running[job.name] = process
+            try:
+                take(messages.get(timeout=0.5))
+                continue
+            except queue_module.Empty:
+                pass
+            if not any(not p.is_alive() for p in running.values()):
+                continue
+            try:  # what an ended process sent may still be in the pipe: read it before calling the process dead
+                while True:
+                    take(messages.get(timeout=1.0))
+            except queue_module.Empty:
+                pass
+            for name, process in list(running.items()):  # ended without a result: killed, out of memory, abort
+                if not process.is_alive():
+                    results[name] = CellResult(name, False, error=f"its process died (exit code {process.exitcode})")
+                    running.pop(name).join()
+    finally:  # interrupted (Ctrl-C, SIGTERM): the cells still running stop too; their staging folders go
+        for process in running.values():  # with them (write_bundle removes a dead process's leftovers)
+            process.terminate()
+            process.join()
     return list(results.values())
 
 

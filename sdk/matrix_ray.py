@@ -80,8 +80,10 @@ def run_on_ray(jobs: Sequence[CellJob], report: Report) -> list[CellResult]:
                 job = pending.pop(ref)
                 results.append(_collect(ray, ref, job, attempts))
         _drain(ray, board, report, attempts)
-    finally:
-        for folder, (marker, _) in markers.items():
+    finally:  # interrupted: the cells still queued or running are cancelled, not left on the cluster
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        for marker, _ in markers.values():
             Path(marker).unlink(missing_ok=True)
     for result in results:
         result.attempts = max(1, attempts.get(result.name, 1))

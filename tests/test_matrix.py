@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from edgepack.export import plan_export, run_export
-from edgepack.matrix import plan_matrix, run_matrix
+from edgepack.errors import UsageError
+from edgepack.matrix import plan_matrix, read_matrix_file, run_matrix
 
 from conftest import random_model, tiny_config, write_student_folder
 
@@ -81,17 +82,17 @@ def matrix_cells(student_folder: Path, out: Path):
 
 
 def test_local_matrix_equals_serial_exports_and_shares_work(student_folder, serial_bundles, tmp_path):
-    """Two processes at a time; the int4 model is built once for both int4 cells' gates (same recipe and context)
-    and the fp32 reference runs once for all four."""
+    """The int4 column, two processes at a time: the int4 model is built once for both cells' gates (same recipe
+    and context) and the fp32 reference runs once for both."""
     events = []
-    results = run_matrix(matrix_cells(student_folder, tmp_path / "out"), jobs=2,
-                         report=lambda cell, stage: events.append((cell, stage)))
-    assert_same_bundles(results, serial_bundles)
+    cells = plan_matrix(str(student_folder), TARGETS, ["int4"], tmp_path / "out", backend=BACKEND)
+    results = run_matrix(cells, jobs=2, report=lambda cell, stage: events.append((cell, stage)))
+    assert_same_bundles(results, {name: path for name, path in serial_bundles.items() if name.endswith("-int4")})
     shared = [stage for cell, stage in events if cell == "shared"]
     assert sum(s.startswith("quantize (int4) once") for s in shared) == 1, shared
     assert sum(s.startswith("fp32 reference once") for s in shared) == 1, shared
     assert not any("load reference model" in stage for _, stage in events)  # no cell built its own reference
-    assert {cell for cell, stage in events if stage == "write manifest"} == set(serial_bundles)
+    assert {cell for cell, stage in events if stage == "write manifest"} == {"host-int4", "pixel-9-int4"}
 
 
 def test_failed_cell_does_not_stop_the_others(student_folder, tmp_path):
@@ -110,6 +111,29 @@ def test_failed_cell_does_not_stop_the_others(student_folder, tmp_path):
     assert cells["host-int4"]["ok"] is True and (tmp_path / "out" / "host-int4" / "manifest.json").is_file()
     assert (taken / "notes.txt").read_text() == "not a bundle"
     assert "Traceback" not in result.stderr
+
+
+def test_matrix_file_and_its_mistakes(tmp_path):
+    """`--matrix FILE` names the same matrix as -t/-q; a bad file or both ways at once is one line, exit 2."""
+    good = tmp_path / "release.toml"
+    good.write_text('targets = ["pixel-9", "host:onnx/cpu"]\nquant = ["int4"]\n')
+    assert read_matrix_file(good) == (["pixel-9", "host:onnx/cpu"], ["int4"])
+    cells = plan_matrix(None, *read_matrix_file(good), tmp_path / "out")
+    assert [(c.name, c.plan.backend_label) for c in cells] == [("pixel-9-int4", "executorch/xnnpack"),
+                                                                ("host-int4", "onnx/cpu")]
+    assert cells[1].plan.output == tmp_path / "out" / "host-int4"
+    bad = tmp_path / "bad.toml"
+    for text, expected in [('targets = "pixel-9"', "must hold `targets`"), ("targets = [", "not valid TOML"),
+                           ('targets = ["host"]\nquants = ["int4"]', "unknown keys: quants")]:
+        bad.write_text(text)
+        with pytest.raises(UsageError, match=expected):
+            read_matrix_file(bad)
+    for args, expected in [(["--matrix", str(good), "-t", "host"], "--matrix and --target/--quant both"),
+                           (["-t", "host,nowhere"], "unknown target 'nowhere'"),
+                           (["-t", "host,host", "-q", "fp32"], "names the bundle host-fp32 twice")]:
+        result = subprocess.run([sys.executable, "-m", "edgepack.cli", "export", *args, "-o", str(tmp_path / "x")],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_ray_without_ray_installed_is_one_line(student_folder, tmp_path):
