@@ -251,9 +251,10 @@ def run_cell(job: CellJob, report: Report) -> CellResult:
 
 
 def run_matrix(cells: Sequence[Cell], jobs: int = 1, ray_address: str | None = None, report: Report = lambda c, s: None,
-               scratch: Path | None = None) -> list[CellResult]:
+               scratch: Path | None = None, ray_in_place: bool = True) -> list[CellResult]:
     """Every cell of the matrix; results in the cells' order. `ray_address`: run the cells on that Ray cluster
-    (`auto`: the one `ray start` set up here), else `jobs` local processes at a time."""
+    (`auto`: the one `ray start` set up here), else `jobs` local processes at a time. `ray_in_place=False`: Ray
+    cells return their bundles as bytes even where they could write them in place."""
     import tempfile
 
     if ray_address:
@@ -265,7 +266,7 @@ def run_matrix(cells: Sequence[Cell], jobs: int = 1, ray_address: str | None = N
         if ray_address:
             from edgepack.matrix_ray import run_on_ray
 
-            results += run_on_ray(runnable, report)
+            results += run_on_ray(runnable, report, ray_in_place)
         else:
             from edgepack.matrix_local import run_local
 

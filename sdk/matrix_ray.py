@@ -48,7 +48,8 @@ def connect(address: str) -> None:
                             "start one with `ray start --head` and pass its address, or --ray auto on a node") from None
 
 
-def run_on_ray(jobs: Sequence[CellJob], report: Report) -> list[CellResult]:
+def run_on_ray(jobs: Sequence[CellJob], report: Report, in_place: bool = True) -> list[CellResult]:
+    """`in_place=False`: every bundle comes back to the driver as bytes, even where the nodes share its storage."""
     ray = require_ray()
     results: list[CellResult] = []
     largest = max((n["Resources"].get("memory", 0) for n in ray.nodes() if n["Alive"]), default=0)
@@ -62,14 +63,14 @@ def run_on_ray(jobs: Sequence[CellJob], report: Report) -> list[CellResult]:
             runnable.append(job)
     board = _board(ray)
     shared = {path: ray.put(path.read_bytes()) for job in runnable for path in (job.build, job.reference) if path}
-    markers = _markers(runnable)
+    markers = _markers(runnable) if in_place else {}
     task = ray.remote(_ray_cell)
     pending = {}
     for job in runnable:
         refs = {str(p): shared[p] for p in (job.build, job.reference) if p}
         options = {"memory": max(1, int(job.memory_bytes)), "num_cpus": 1, "max_retries": RETRIES,
                    "name": f"edgepack-{job.name}"}
-        pending[task.options(**options).remote(job, refs, board, markers[job.plan.output.parent])] = job
+        pending[task.options(**options).remote(job, refs, board, markers.get(job.plan.output.parent))] = job
         report(job.name, f"queued on Ray (asks {job.memory_bytes / GB:.1f} GB)")
     attempts: dict[str, int] = {}
     try:
@@ -130,14 +131,17 @@ def _markers(jobs: Sequence[CellJob]) -> dict[Path, tuple[str, str]]:
     return markers
 
 
-def _sees(marker: tuple[str, str]) -> bool:
+def _sees(marker: tuple[str, str] | None) -> bool:
+    if marker is None:
+        return False
     try:
         return Path(marker[0]).read_text() == marker[1]
     except OSError:
         return False
 
 
-def _ray_cell(job: CellJob, shared: dict[str, Any], board: Any, marker: tuple[str, str]) -> tuple[CellResult, bytes | None, str]:
+def _ray_cell(job: CellJob, shared: dict[str, Any], board: Any,
+              marker: tuple[str, str] | None) -> tuple[CellResult, bytes | None, str]:
     """The task: the shared files written locally, the cell run, its bundle returned as bytes (a .tar) unless
     it was written in place. Returns (result, bundle bytes or None, "" or ".failed" for a gate-failed bundle)."""
     import ray
