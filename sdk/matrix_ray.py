@@ -40,12 +40,25 @@ def connect(address: str) -> None:
     ray = require_ray()
     if ray.is_initialized():
         return
+    _check_reachable(address)
     try:
         ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EdgepackError(f"cannot reach a Ray cluster at {address} ({reason})",
                             "start one with `ray start --head` and pass its address, or --ray auto on a node") from None
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT that nothing answers on fails in seconds (ray.init would keep retrying for minutes)."""
+    host, _, port = address.rpartition(":")
+    if not host or "://" in address or not port.isdigit():
+        return  # `auto`, or a ray:// client address: ray.init's own checks
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise EdgepackError(f"cannot reach a Ray cluster at {address} ({e.strerror or e})",
+                            "check the head node's address (`ray status` on it), or start one with `ray start --head`") from None
 
 
 def run_on_ray(jobs: Sequence[CellJob], report: Report, in_place: bool = True) -> list[CellResult]:

@@ -161,6 +161,15 @@ def test_ray_without_ray_installed_is_one_line(student_folder, tmp_path):
     assert result.stderr.strip() == "error: --ray needs Ray, which is not installed here; pip install edgepack[ray]"
 
 
+def test_unreachable_ray_cluster_is_one_line(tmp_path):
+    """An address nothing answers on fails in seconds with one line (ray.init alone retries for minutes)."""
+    pytest.importorskip("ray")
+    result = subprocess.run([sys.executable, "-m", "edgepack.cli", "export", "-t", "host,pixel-9", "--ray",
+                             "127.0.0.1:1", "-o", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "error: cannot reach a Ray cluster at 127.0.0.1:1 (Connection refused)" in result.stderr
+
+
 @pytest.fixture
 def ray_cluster():
     """A head node and one worker node on loopback, one CPU each: two cells at a time, one per node."""
