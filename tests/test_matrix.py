@@ -111,6 +111,22 @@ def test_local_matrix_equals_serial_exports_and_shares_work(student_folder, seri
     assert {cell for cell, stage in events if stage == "write manifest"} == {"host-int4", "pixel-9-int4"}
 
 
+def test_a_shared_model_is_lowered_from_its_file(student_folder, tmp_path):
+    """An exporter that lowers the built model itself (here `reference` at fp16) gets it read back from the file
+    the driver wrote once: the bundles still equal single exports."""
+    events = []
+    cells = plan_matrix(str(student_folder), TARGETS, ["fp16"], tmp_path / "out", backend="reference")
+    results = run_matrix(cells, report=lambda cell, stage: events.append((cell, stage)))
+    serial = {}
+    for target in TARGETS:
+        serial[f"{target}-fp16"] = tmp_path / "serial" / target
+        run_export(plan_export(str(student_folder), target, "fp16", output=serial[f"{target}-fp16"],
+                               backend="reference"))
+    assert_same_bundles(results, serial)
+    assert [stage for cell, stage in events if cell == "shared"].count("build model once") == 1
+    assert not any(stage == "build model" for _, stage in events)  # no cell built its own
+
+
 def test_failed_cell_does_not_stop_the_others(student_folder, tmp_path):
     """A cell whose output is taken fails with its one-line error at planning; the CLI runs the rest, prints the
     table, and exits 1. The JSON lists every cell."""
