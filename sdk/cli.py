@@ -63,15 +63,21 @@ def _preset_names() -> list[str]:
 
 @main.command()
 @click.option("--model", "-m", "source", help="HF checkpoint folder, .gguf file or hub id [default: SmolLM2-135M]")
-@click.option("--target", "-t", default="host", show_default=True, help=f"device profile: {', '.join(_target_names())}")
-@click.option("--quant", "-q", help=f"quantization preset: {', '.join(_preset_names())} [default: the target's]")
+@click.option("--target", "-t", default="host", show_default=True,
+              help=f"device profile, or several: a,b[:BACKEND] (a release matrix): {', '.join(_target_names())}")
+@click.option("--quant", "-q", help=f"quantization preset(s), e.g. int4,int8: {', '.join(_preset_names())} "
+              "[default: the target's]")
 @click.option("--max-context", type=int, help="KV cache length in tokens [default: the target's]")
 @click.option("--group-size", type=int, help="int4/int8 group size (0 = per channel) [default: the preset's]")
 @click.option("--backend", help="override the target's preferred backend, e.g. executorch/xnnpack or reference")
-@click.option("--output", "-o", type=click.Path(), help="bundle folder [default: bundles/MODEL-TARGET-QUANT]")
+@click.option("--output", "-o", type=click.Path(), help="bundle folder [default: bundles/MODEL-TARGET-QUANT]; "
+              "a matrix: the folder of its bundles, OUT/TARGET-QUANT [default: bundles/MODEL]")
 @click.option("--no-verify", is_flag=True, help="skip the quality gate against the fp32 reference (recorded)")
 @click.option("--keep-failed", is_flag=True, help="keep a bundle that fails the gate, marked failed")
 @click.option("--force", is_flag=True, help="replace an existing bundle at -o (never any other folder)")
+@click.option("--matrix", "matrix_file", type=click.Path(), help="a TOML file of targets and presets to build")
+@click.option("--jobs", "-j", type=click.IntRange(min=1), help="matrix cells built at once here [default: 1]")
+@click.option("--ray", "ray_address", help="build the matrix's cells on a Ray cluster: its address, or auto")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON instead of a summary")
 @_handle_errors
 def export(
@@ -85,12 +91,22 @@ def export(
     no_verify: bool,
     keep_failed: bool,
     force: bool,
+    matrix_file: str | None,
+    jobs: int | None,
+    ray_address: str | None,
     as_json: bool,
 ) -> None:
-    """Build a bundle: load the student, quantize, lower for the target, write, checksum and verify it."""
+    """Build a bundle: load the student, quantize, lower for the target, write, checksum and verify it.
+
+    Several targets or presets (comma-separated, or --matrix FILE) build a release matrix: one bundle per
+    target x preset, sharing the model load, quantization and the gate's fp32 reference, and a summary table."""
     from edgepack.export import plan_export, run_export
     from edgepack.verify import VerificationFailed
 
+    if matrix_file or jobs or ray_address or "," in target or "," in (quant or ""):
+        _export_matrix(source, target, quant, max_context, group_size, backend, output, not no_verify, keep_failed,
+                       force, matrix_file, jobs or 1, ray_address, as_json)
+        return
     _sigterm_as_interrupt()  # a killed export (SIGTERM) cleans up its staging folder like Ctrl-C does
     out = Output(as_json)
     plan = plan_export(source, target, quant, max_context, output, backend, group_size, not no_verify, keep_failed,
@@ -112,6 +128,54 @@ def export(
         f"wrote {plan.output} ({size_mb:.1f} MB, {manifest['backend']['name']}, {plan.preset.name}) "
         f"in {manifest['export_seconds']:.0f} s",
     )
+
+
+def _export_matrix(source: str | None, target: str, quant: str | None, max_context: int | None,
+                   group_size: int | None, backend: str | None, output: str | None, verify: bool, keep_failed: bool,
+                   force: bool, matrix_file: str | None, jobs: int, ray_address: str | None, as_json: bool) -> None:
+    """`edgepack export` over a matrix of targets x presets (sdk/matrix.py); exit 1 if any cell failed."""
+    from edgepack.errors import UsageError
+    from edgepack.matrix import SUMMARY_HEADER, plan_matrix, read_matrix_file, run_matrix, split_list, summary_rows
+
+    targets, quants = split_list(target), split_list(quant)
+    if matrix_file:
+        given = click.get_current_context().get_parameter_source
+        if quant or given("target") != click.core.ParameterSource.DEFAULT:
+            raise UsageError("--matrix and --target/--quant both name the matrix", "pass one of them")
+        targets, quants = read_matrix_file(matrix_file)
+    if ray_address:
+        from edgepack.matrix_ray import require_ray
+
+        require_ray()
+    _sigterm_as_interrupt()
+    out = Output(as_json)
+    cells = plan_matrix(source, targets, quants, output, backend, max_context, group_size, verify, keep_failed, force)
+    where = f"on the Ray cluster at {ray_address}" if ray_address else f"{jobs} at a time on this machine"
+    out.info(f"exporting a matrix of {len(cells)} bundles ({where}): " + ", ".join(c.name for c in cells))
+    with out.quiet_native():
+        results = run_matrix(cells, jobs, ray_address, _cell_progress(out))
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        out.result({"cells": [r.to_dict() for r in results], "failed": len(failed)}, "")
+    else:
+        folder = next((c.plan.output.parent for c in cells if c.plan is not None), output)
+        out.grid(f"release matrix in {folder}", SUMMARY_HEADER, summary_rows(results))
+        for r in failed:
+            out.result(None, f"{r.name}: {r.error}")
+        out.result(None, f"{len(results) - len(failed)} of {len(results)} bundles built"
+                   + (f"; {len(failed)} failed" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
+def _cell_progress(out: Output) -> Callable[[str, str], None]:
+    """One line per cell and stage, with the time since the matrix started (cells run in parallel)."""
+    import time
+
+    from rich.markup import escape
+
+    started = time.monotonic()
+    return lambda cell, stage: out.info(escape(f"{time.monotonic() - started:6.0f} s  {cell}: {stage}"))
 
 
 def _sigterm_as_interrupt() -> None:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from edgepack.errors import UsageError
 from edgepack.presets import QuantPreset, check_carried, get_preset
@@ -139,46 +139,26 @@ def _slug(source: str | None) -> str:
     return name.removesuffix(".gguf").lower().replace(".", "-").replace("_", "-")
 
 
-def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
-    """Build the bundle the plan describes; returns its manifest."""
+def run_export(plan: ExportPlan, step: Steps = SILENT, student: Any = None, built: "BuiltModel | None" = None,
+               reference: Any = None) -> dict[str, Any]:
+    """Build the bundle the plan describes; returns its manifest. A release matrix (sdk/matrix.py) passes what
+    its cells share: the loaded `student`, the model `built` once for cells of the same recipe, and the fp32
+    `reference`'s recorded answers for the gate (verify.RecordedReference)."""
     from edgepack.bundle import write_bundle
-    from edgepack.exporters import ExportRequest, exporter_quantizes, get_exporter
+    from edgepack.exporters import ExportRequest, get_exporter
     from edgepack.intake import load_student
-    from edgepack.model import UnbuiltModel, piece_count
-    from edgepack.quantize import build_quantized, park_quantized
     from edgepack.verify import VerificationFailed, gate_export
 
     started = time.perf_counter()
     exporter = get_exporter(plan.backend)
-    step("load model")
-    student = load_student(plan.source)
-    if plan.context_from != "--max-context" and plan.max_context > student.config.max_position_embeddings:
-        # A Hub id: its maximum is known only now; the target's default is capped at it, as for local models.
-        from dataclasses import replace
-
-        plan = replace(plan, max_context=student.config.max_position_embeddings, context_from="the model's maximum")
-    if plan.max_context > student.config.max_position_embeddings:
-        raise UsageError(
-            f"--max-context {plan.max_context} exceeds what {student.name} was trained for "
-            f"({student.config.max_position_embeddings})",
-            f"use --max-context {student.config.max_position_embeddings} or less",
-        )
-    if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
-        _fit_check(student.config, plan.target, plan.preset, plan.max_context,
-                   plan.backend_label)
-    # The codes themselves are known only now (a float BitNet checkpoint has the architecture but none), still
-    # before anything is built: reading them is lazy.
-    check_carried(plan.preset, student.config.architecture, bool(student.ternary_blocks))
+    if student is None:
+        step("load model")
+        student = load_student(plan.source)
+    plan = check_loaded(plan, student)
     parked = tempfile.TemporaryDirectory(prefix="edgepack-quantized-")
-    same_weights = None  # the gate's same-weights model: the one built here, read back (no second quantization)
-    if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
-        model = UnbuiltModel(student.config, student.state_dict, plan.max_context)
-    else:
-        stage = f"quantize ({plan.preset.name}), by layer" if plan.preset.quantized else "build model"
-        step(stage, total=piece_count(student.config))
-        model = build_quantized(student, plan.preset, plan.backend, plan.max_context, step)
-        if plan.preset.quantized and plan.verify:  # written before the exporter may change the module
-            same_weights = park_quantized(model, Path(parked.name))
+    if built is None:
+        built = build_for_plan(plan, student, step, Path(parked.name) if plan.verify else None)
+    model, same_weights = built.model(), built.same_weights if plan.verify else None
     prefill = min(DEFAULT_PREFILL_CHUNK, plan.max_context)
     with parked, write_bundle(plan.output, force=plan.force) as writer:
         tokenizer = _write_tokenizer(writer, student, plan.max_context)
@@ -198,7 +178,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
             model_name=student.name,
         )
         backend_section = exporter(request)
-        del request, model  # the gate below loads the fp32 reference: never both in memory
+        del request, model, built  # the gate below loads the fp32 reference: never both in memory
         gc.collect()
         step("write manifest")
         manifest = writer.finish(
@@ -219,10 +199,100 @@ def run_export(plan: ExportPlan, step: Steps = SILENT) -> dict[str, Any]:
                 "export_seconds": round(time.perf_counter() - started, 1),
             }
         )
-        manifest = gate_export(writer, manifest, student, plan.verify, plan.keep_failed, step, same_weights)
+        manifest = gate_export(writer, manifest, student, plan.verify, plan.keep_failed, step, same_weights,
+                               reference)
     if manifest["verification"]["status"] == "failed":
         raise VerificationFailed(manifest["verification"], kept=plan.output)
     return manifest
+
+
+def check_loaded(plan: ExportPlan, student: Any) -> ExportPlan:
+    """The checks that need the loaded student (still before anything is built); returns the plan with a Hub
+    model's context capped at its maximum."""
+    if plan.context_from != "--max-context" and plan.max_context > student.config.max_position_embeddings:
+        # A Hub id: its maximum is known only now; the target's default is capped at it, as for local models.
+        from dataclasses import replace
+
+        plan = replace(plan, max_context=student.config.max_position_embeddings, context_from="the model's maximum")
+    if plan.max_context > student.config.max_position_embeddings:
+        raise UsageError(
+            f"--max-context {plan.max_context} exceeds what {student.name} was trained for "
+            f"({student.config.max_position_embeddings})",
+            f"use --max-context {student.config.max_position_embeddings} or less",
+        )
+    if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
+        _fit_check(student.config, plan.target, plan.preset, plan.max_context,
+                   plan.backend_label)
+    # The codes themselves are known only now (a float BitNet checkpoint has the architecture but none), still
+    # before anything is built: reading them is lazy.
+    check_carried(plan.preset, student.config.architecture, bool(student.ternary_blocks))
+    return plan
+
+
+@dataclass
+class BuiltModel:
+    """What the exporter lowers (`model()`) and what the gate compares the bundle with (`same_weights`: the
+    same quantized weights, read back; None for an unquantized model, whose reference is fp32)."""
+
+    model: Callable[[], Any]
+    same_weights: Callable[[], Any] | None
+
+
+def build_key(plan: ExportPlan) -> tuple[Any, ...]:
+    """Cells of a matrix with equal keys build the same model (`quantize.build_quantized`'s inputs)."""
+    return plan.preset.name, plan.preset.group_size, plan.backend, plan.max_context
+
+
+def build_for_plan(plan: ExportPlan, student: Any, step: Steps = SILENT, park: Path | None = None) -> BuiltModel:
+    """Quantize (or just build) the model the plan's exporter lowers. `park`: a folder where the quantized model
+    is written for the gate's same-weights model (read back, not built again)."""
+    from edgepack.exporters import exporter_quantizes
+    from edgepack.model import UnbuiltModel, piece_count
+    from edgepack.quantize import build_quantized, park_quantized
+
+    if exporter_quantizes(plan.backend):  # it writes its graph from the weights, tensor by tensor
+        unbuilt = UnbuiltModel(student.config, student.state_dict, plan.max_context)
+        return BuiltModel(lambda: unbuilt, None)
+    stage = f"quantize ({plan.preset.name}), by layer" if plan.preset.quantized else "build model"
+    step(stage, total=piece_count(student.config))
+    model = build_quantized(student, plan.preset, plan.backend, plan.max_context, step)
+    same_weights = None
+    if plan.preset.quantized and park is not None:  # written before the exporter may change the module
+        same_weights = park_quantized(model, park)
+    return BuiltModel(lambda: model, same_weights)
+
+
+def shared_build(plan: ExportPlan, student: Any, folder: Path, step: Steps = SILENT) -> Path:
+    """The model of `build_for_plan` written once to `folder` for several cells of a matrix; each reads it back
+    (`read_shared_build`). An exporter that quantizes itself gets its same-weights model this way."""
+    from edgepack.model import piece_count
+    from edgepack.quantize import build_quantized, park_quantized
+
+    step(f"quantize ({plan.preset.name}) once for its cells" if plan.preset.quantized else "build model once",
+         total=piece_count(student.config))
+    model = build_quantized(student, plan.preset, plan.backend, plan.max_context, step)
+    folder.mkdir(parents=True, exist_ok=True)
+    park_quantized(model, folder)
+    del model
+    gc.collect()
+    return folder / "quantized-model.pt"
+
+
+def read_shared_build(plan: ExportPlan, student: Any, path: Path) -> BuiltModel:
+    """A cell's `BuiltModel` over a `shared_build` file (memory-mapped)."""
+    import torch
+
+    from edgepack.exporters import exporter_quantizes
+    from edgepack.model import UnbuiltModel
+
+    def load() -> Any:
+        return torch.load(path, weights_only=False, mmap=True)  # our own file, written by the matrix's driver
+
+    same_weights = load if plan.preset.quantized else None
+    if exporter_quantizes(plan.backend):
+        unbuilt = UnbuiltModel(student.config, student.state_dict, plan.max_context)
+        return BuiltModel(lambda: unbuilt, same_weights)
+    return BuiltModel(load, same_weights)
 
 
 def _write_tokenizer(writer: Any, student: Any, context_length: int) -> dict[str, Any]:

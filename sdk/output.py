@@ -85,6 +85,15 @@ class Output:
             table.add_row(key, value)
         self._out.print(table)
 
+    def grid(self, title: str, header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+        """A table with a header row (one row per item, e.g. a matrix's bundles)."""
+        table = Table(title=title, title_justify="left")
+        for name in header:
+            table.add_column(name, overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        self._out.print(table)
+
 
 def _private_stdout() -> Any:
     """A duplicate of file descriptor 1 that `quiet_native` leaves alone, or sys.stdout itself where it is not

@@ -30,6 +30,7 @@ from edgepack.progress import SILENT, Steps
 
 if TYPE_CHECKING:
     from edgepack.intake import Student
+    from edgepack.recorded_reference import RecordedReference
     from edgepack.runtime import Session
 
 THRESHOLDS_FILE = Path(__file__).with_name("thresholds.toml")
@@ -320,6 +321,7 @@ def gate_export(
     keep_failed: bool = False,
     step: Steps = SILENT,
     same_weights: Callable[[], Any] | None = None,
+    reference: "RecordedReference | None" = None,
 ) -> dict[str, Any]:
     """The export's last step, on the staged bundle before it is moved into place: verify it and record the
     result in its manifest. A failure raises unless `keep_failed` (the bundle then goes to OUTPUT.failed)."""
@@ -327,7 +329,8 @@ def gate_export(
 
     if enabled:
         try:  # its stages are named by verify_bundle: the bundle, then the fp32 reference, then the same weights
-            section = verify_bundle(writer.dir, student=student, step=step, same_weights=same_weights).to_dict()
+            section = verify_bundle(writer.dir, student=student, step=step, same_weights=same_weights,
+                                    reference_answers=reference).to_dict()
         except BackendUnavailable as e:  # recorded, not hidden: `edgepack verify` it where it runs
             section = {"status": "not_run", "reason": e.one_line()}
     else:
@@ -386,10 +389,12 @@ def verify_bundle(
     step: Steps = SILENT,
     backend_override: str | None = None,
     same_weights: Callable[[], Any] | None = None,
+    reference_answers: "RecordedReference | None" = None,
 ) -> Report:
     """Measure `bundle` against the fp32 reference; `student` (already loaded, e.g. by the export) saves a reload.
     `backend_override` scores another runtime backend of the bundle (e.g. "onnx/qnn": the NPU graphs);
-    `same_weights` loads the export's own quantized model (`quantize.park_quantized`)."""
+    `same_weights` loads the export's own quantized model (`quantize.park_quantized`); `reference_answers`
+    replays the fp32 reference's logits and replies recorded once for many bundles (a release matrix)."""
     from edgepack import runtime
     from edgepack.bundle import read_manifest
     from edgepack.evaltext import fingerprint, load_text
@@ -424,7 +429,11 @@ def verify_bundle(
     # What actually ran, e.g. an NPU bundle's CPU model on a host where the NPU would only be simulated.
     ran = getattr(session.decoder, "label", None) or backend + (f"/{delegate}" if delegate else "")
     thresholds = thresholds_for(preset, *ran.split("/", 1))
-    ref = _reference_session(student, manifest)
+    if reference_answers is not None:
+        ref = reference_answers.replay(manifest, _reference_tokenizer(student),
+                                       lambda: _reference_session(student, manifest))
+    else:
+        ref = _reference_session(student, manifest)
     hf_tokenizer = _hf_tokenizer(student)
 
     step("check tokenizer")
@@ -576,7 +585,18 @@ def _same_weights_session(student: "Student", manifest: Mapping[str, Any],
 def _reference_session(student: "Student", manifest: Mapping[str, Any], model: Any = None) -> "Session":
     """A Session over `model` (default: the student's fp32 model) with the student's own tokenizer."""
     from edgepack.model import build_model
-    from edgepack.runtime import BundleTokenizer, Session, TorchDecoder
+    from edgepack.runtime import Session, TorchDecoder
+
+    tokenizer = _reference_tokenizer(student)
+    if model is None:
+        model = build_model(student.config, student.state_dict, max_context=int(manifest["context_length"]))
+    prefill = manifest["backend"].get("max_prefill") or 128
+    return Session(TorchDecoder(model, max_prefill_chunk=prefill), tokenizer, {"tokenizer": manifest.get("tokenizer")})
+
+
+def _reference_tokenizer(student: "Student") -> Any:
+    """The student's own tokenizer and chat template, as the reference session runs them."""
+    from edgepack.runtime import BundleTokenizer
 
     with tempfile.TemporaryDirectory(prefix="edgepack-reference-") as tmp:
         folder = Path(tmp)
@@ -591,10 +611,7 @@ def _reference_session(student: "Student", manifest: Mapping[str, Any], model: A
             stop_ids=student.eos_ids,
         )
     tokenizer.chat_template = student.chat_template or tokenizer.chat_template
-    if model is None:
-        model = build_model(student.config, student.state_dict, max_context=int(manifest["context_length"]))
-    prefill = manifest["backend"].get("max_prefill") or 128
-    return Session(TorchDecoder(model, max_prefill_chunk=prefill), tokenizer, {"tokenizer": manifest.get("tokenizer")})
+    return tokenizer
 
 
 def _hf_tokenizer(student: "Student") -> Any:
