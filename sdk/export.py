@@ -221,8 +221,7 @@ def check_loaded(plan: ExportPlan, student: Any) -> ExportPlan:
             f"use --max-context {student.config.max_position_embeddings} or less",
         )
     if plan.fit is None:  # a Hub id: its config is known only now, still before the model is built
-        _fit_check(student.config, plan.target, plan.preset, plan.max_context,
-                   plan.backend_label)
+        _fit_check(student.config, plan.target, plan.preset, plan.max_context, plan.backend_label, plan.source)
     # The codes themselves are known only now (a float BitNet checkpoint has the architecture but none), still
     # before anything is built: reading them is lazy.
     check_carried(plan.preset, student.config.architecture, bool(student.ternary_blocks))
