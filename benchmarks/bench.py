@@ -1,11 +1,13 @@
-"""Benchmark an edgepack bundle against llama.cpp (llama-cpp-python) on the same model, side by side.
+"""Benchmark edgepack bundles against llama.cpp (llama-cpp-python) on the same model, side by side, in one run.
 
-    python benchmarks/bench.py BUNDLE [--gguf PATH] [--threads 2] [--rounds 3] [--new-tokens 128] [--json] [--out FILE]
+    python benchmarks/bench.py BUNDLE [BUNDLE ...] [--gguf PATH] [--threads 2] [--rounds 3] [--new-tokens 128]
+                               [--json] [--out FILE]
 
-Both engines prefill the identical token ids (the bundle's chat template, rendered once here) and then
-greedily decode the same number of tokens, EOS ignored. Every measurement runs in a fresh child process,
-so its peak RSS (VmHWM) is that engine alone; rounds alternate engines (A B A B ...) because this kind of
-machine is shared and noisy, and the report gives medians with the min-max spread, never a single run.
+Every engine (each bundle through its own backend, then llama.cpp) prefills the identical token ids (the first
+bundle's chat template, rendered once here; the bundles must share a tokenizer) and then greedily decodes the same
+number of tokens, EOS ignored. Every measurement runs in a fresh child process, so its peak RSS (VmHWM) is that
+engine alone; rounds interleave engines (A B C A B C ...) because this kind of machine is shared and noisy, and
+the report gives medians with the min-max spread, never a single run.
 
 Exit codes: 0 ok, 1 a child failed, 3 llama-cpp-python is missing (the bundle is still measured, but a CI
 check must not pass silently without its anchor).
@@ -27,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-ENGINES = ("edgepack", "llama.cpp")
+ENGINES = ("edgepack", "llama.cpp")  # what a child process runs
+ANCHOR = "llama.cpp"
 METRICS = {  # result key -> table label
     "prefill_tok_s": "prefill tok/s",
     "decode_tok_s": "decode tok/s",
@@ -241,38 +244,44 @@ def _cell(s: dict[str, Any] | None) -> str:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    h, b = report["host"], report["bundle"]
-    w = report["workload"]
+    h, w = report["host"], report["workload"]
     print(f"host: {h['cpu']}, {h['cores']} cores, {h['threads']} threads used, load avg {h['load_avg_1m']:.2f}")
-    print(
-        f"bundle: {b['model']} | {b['quantization']} | {b['backend']} | {b['size_mb']:.1f} MB "
-        f"(program {b['program_mb']:.1f} MB) | {b['path']}"
-    )
+    for label, b in report["bundles"].items():
+        print(f"{label}: {b['model']} | {b['quantization']} | {b['size_mb']:.1f} MB (program {b['program_mb']:.1f} MB)"
+              f" | {b['path']}")
     if report.get("gguf"):
         g = report["gguf"]
         print(f"anchor: llama-cpp-python {report['llama_cpp_version']} | {g['path']} ({g['size_mb']:.1f} MB)")
     print(
         f"workload: {w['prompt_tokens']}-token chat prompt, greedy {w['new_tokens']} new tokens (EOS ignored), "
-        f"{w['rounds']} interleaved rounds, medians [min-max]\n"
+        f"{w['rounds']} interleaved rounds, medians [min-max]; ratios: engine / llama.cpp\n"
     )
-    print(f"{'':15}{'edgepack':>26}{'llama.cpp':>26}{'bundle/llama.cpp':>18}")
+    engines = list(report["results"])
+    print(f"{'':15}" + "".join(f"{e:>28}" for e in engines))
     for key, label in METRICS.items():
-        e, l = report["results"]["edgepack"][key], report["results"]["llama.cpp"][key]
-        ratio = report["ratios"][key]
-        print(f"{label:15}{_cell(e):>26}{_cell(l):>26}{'missing' if ratio is None else f'{ratio:.2f}x':>18}")
+        cells = []
+        for e in engines:
+            ratio = report["ratios"].get(e, {}).get(key)
+            cells.append(_cell(report["results"][e][key]) + ("" if ratio is None else f" {ratio:.2f}x"))
+        print(f"{label:15}" + "".join(f"{c:>28}" for c in cells))
     if report["others_cores_median"] > BUSY_CORES:
         print(
             f"\nwarning: other processes used {report['others_cores_median']:.2f} cores (median) during the timed "
             "runs; these figures are unreliable (llama.cpp's spinning threadpool suffers most); rerun on a quiet host"
         )
-    agree = report.get("greedy_agreement")
-    if agree is not None:
-        print(f"\ngreedy outputs agree on the first {agree} of {w['new_tokens']} tokens (round 1)")
+    for label, agree in (report.get("greedy_agreement") or {}).items():
+        print(f"\n{label} and llama.cpp: greedy outputs agree on the first {agree} of {w['new_tokens']} tokens (round 1)")
+
+
+def engine_label(bundle: Path) -> str:
+    """A bundle's column name: its backend and preset, e.g. "executorch+xnnpack int4"."""
+    facts = bundle_facts(bundle)
+    return f"{facts['backend']} {facts['quantization']}"
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("bundle", nargs="?", type=Path, help="bundle folder written by `edgepack export`")
+    p.add_argument("bundle", nargs="*", type=Path, help="bundle folders written by `edgepack export`")
     p.add_argument("--gguf", type=Path, help="GGUF for llama.cpp (default: the embedded default model)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
@@ -292,48 +301,54 @@ def main(argv: list[str] | None = None) -> int:
             result = run_llama_cpp(job["gguf"], job["ids"], job["new_tokens"], job["threads"])
         print(json.dumps(result))
         return 0
-    if args.bundle is None:
+    if not args.bundle:
         p.error("BUNDLE is required")
 
     started = time.perf_counter()
-    bundle = args.bundle.resolve()
-    _, ids = build_prompt(bundle, args.prompt_tokens)
+    bundles = {}
+    for path in args.bundle:
+        label = engine_label(path.resolve())
+        bundles[label if label not in bundles else f"{label} ({path.name})"] = path.resolve()
+    _, ids = build_prompt(next(iter(bundles.values())), args.prompt_tokens)
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     log = sys.stderr
     if not has_llama:
-        print("llama-cpp-python is not installed (pip install -e .[bench]); measuring the bundle alone", file=log)
+        print("llama-cpp-python is not installed (pip install -e .[bench]); measuring the bundles alone", file=log)
     gguf = (args.gguf or default_gguf()).resolve() if has_llama else None
-    job = {"bundle": str(bundle), "gguf": str(gguf), "ids": ids, "new_tokens": args.new_tokens, "threads": args.threads}
+    job = {"gguf": str(gguf), "ids": ids, "new_tokens": args.new_tokens, "threads": args.threads}
+    engines = {label: ("edgepack", {**job, "bundle": str(path)}) for label, path in bundles.items()}
+    if has_llama:
+        engines[ANCHOR] = ("llama.cpp", job)
 
-    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in ENGINES}
+    runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
     for r in range(args.rounds):
-        for engine in ENGINES if has_llama else ENGINES[:1]:
-            result = spawn(engine, job)
-            runs[engine].append(result)
+        for label, (kind, engine_job) in engines.items():
+            result = spawn(kind, engine_job)
+            runs[label].append(result)
             print(
-                f"round {r + 1}/{args.rounds} {engine:9}: prefill {result['prefill_tok_s']:7.1f} tok/s, "
+                f"round {r + 1}/{args.rounds} {label:28}: prefill {result['prefill_tok_s']:7.1f} tok/s, "
                 f"decode {result['decode_tok_s']:6.1f} tok/s, peak RSS {result['peak_rss_mb']:6.1f} MB, "
                 f"other processes used {result['others_cores']:.2f} cores",
                 file=log,
             )
 
-    results = {e: summarize(runs[e]) for e in ENGINES}
-    others = [r["others_cores"] for e in ENGINES for r in runs[e]]
+    results = {e: summarize(runs[e]) for e in engines}
+    others = [r["others_cores"] for e in engines for r in runs[e]]
+    anchor = results.get(ANCHOR)
     ratios = {
-        key: results["edgepack"][key]["median"] / results["llama.cpp"][key]["median"]
-        if results["edgepack"][key] and results["llama.cpp"][key]
-        else None
-        for key in METRICS
-    }
+        e: {key: results[e][key]["median"] / anchor[key]["median"] if results[e][key] and anchor[key] else None
+            for key in METRICS}
+        for e in bundles
+    } if anchor else {}
     report: dict[str, Any] = {
         "host": host_facts(args.threads),
-        "bundle": bundle_facts(bundle),
+        "bundles": {label: bundle_facts(path) for label, path in bundles.items()},
         "gguf": {"path": str(gguf), "size_mb": gguf.stat().st_size / 1e6} if gguf else None,
         "llama_cpp_version": _version("llama_cpp_python") if has_llama else None,
         "workload": {"prompt_tokens": len(ids), "new_tokens": args.new_tokens, "rounds": args.rounds},
         "results": results,
         "ratios": ratios,
-        "greedy_agreement": common_prefix(runs["edgepack"][0]["tokens"], runs["llama.cpp"][0]["tokens"])
+        "greedy_agreement": {e: common_prefix(runs[e][0]["tokens"], runs[ANCHOR][0]["tokens"]) for e in bundles}
         if has_llama
         else None,
         "others_cores_median": statistics.median(others),
