@@ -288,11 +288,13 @@ def piece_quantizer(
                 _carry_ternary(piece, prefix, blocks)
             elif preset.linear:
                 carrying = preset.linear == "8da4w" and group == BLOCK
-                layer_blocks: Mapping[str, CarriedBlocks] = blocks
+                # This piece's blocks, decoded once (a lazy mapping decodes on every read).
+                layer_blocks: Mapping[str, CarriedBlocks] = {
+                    key: blocks[key] for key in blocks if key.startswith(prefix + ".")} if carrying else {}
                 column_factors: dict[str, torch.Tensor] = {}
                 if prefix in smoothing.layers:
-                    smoothed, column_factors = smooth_layer(piece, prefix, smoothing.layers[prefix], blocks)
-                    layer_blocks = ChainMap(smoothed, blocks)
+                    smoothed, column_factors = smooth_layer(piece, prefix, smoothing.layers[prefix], layer_blocks)
+                    layer_blocks = ChainMap(smoothed, dict(layer_blocks))
                 carried = _carry_blocks(piece, prefix, layer_blocks, column_factors) if carrying else set()
                 wide = _wide_blocks(piece, prefix, layer_blocks) if carrying else set()
                 fits = lambda m, fqn: (  # noqa: E731
