@@ -408,8 +408,7 @@ def peek_config(source: str | None) -> ModelConfig | None:
     return None
 
 
-CARRIED_BLOCK = 32  # sdk/blocks.py BLOCK: GGUF blocks are carried only into int4 groups of 32
-WIDE_TYPES = {"Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}  # sdk/blocks.py INT8_TYPES (not imported: it brings torch)
+CARRIED_BLOCK = 32  # sdk/blocks.py BLOCK (not imported: torch, which `edgepack targets` does without)
 LAYER_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -417,6 +416,7 @@ def gguf_wide_weights(source: str | None) -> WideWeights:
     """What a GGUF stores at 5 to 8 bits (Q5_0 ... Q8_0), from its header; nothing for other sources. A "Q4_K_M"
     file can be mostly 5-bit (Qwen2.5-Coder-0.5B: 85% of its layer weights, and its table)."""
     from edgepack import intake
+    from edgepack.blocks import INT8_TYPES
     from edgepack.intake import common, gguf_file
 
     path = intake.default_model_path() if source is None else Path(source).expanduser()
@@ -426,7 +426,7 @@ def gguf_wide_weights(source: str | None) -> WideWeights:
     table = False
     for tensor in gguf_file.open_gguf(path).tensors:
         parts = tensor.name.split(".")
-        is_wide = tensor.tensor_type.name in WIDE_TYPES
+        is_wide = tensor.tensor_type.name in INT8_TYPES
         if tensor.name == "token_embd.weight":
             table = is_wide
         elif parts[0] == "blk" and parts[-1] == "weight" and parts[-2] in LAYER_LINEARS:

@@ -113,6 +113,10 @@ def test_int4_estimate_counts_the_gguf_weights_kept_at_8_bits(tmp_path: Path) ->
     student = load_student(str(path))
     model = build_model(student.config, student.state_dict, 64,
                         prepare=piece_quantizer(get_preset("int4"), student.gguf_blocks))
+    from edgepack.blocks import BLOCK
+    from edgepack.fit import CARRIED_BLOCK
+
+    assert CARRIED_BLOCK == BLOCK  # the fit check's copy of the carried block size
     wide = gguf_wide_weights(str(path))
     assert wide.layer_share == 1.0 and wide.embedding
     stored = _stored_bytes(model)
