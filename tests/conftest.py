@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +43,33 @@ def random_model(cfg: ModelConfig, max_context: int = 128, seed: int = 0) -> Cau
                 param.normal_(0.0, 0.08)
     model.reset_cache()
     return model.eval()
+
+
+def tiny_folder_with_default_tokenizer(folder: Path) -> Path:
+    """A Hugging Face folder of a tiny random Llama (256 positions) with SmolLM2's real tokenizer: text in and
+    out is real, so a bundle of it runs anything the default model's tokenizer runs, in milliseconds."""
+    from safetensors.torch import save_file
+
+    from edgepack import intake
+    from edgepack.intake import gguf_file
+
+    gguf = intake.default_model_path()
+    reader = gguf_file.open_gguf(gguf)
+    tokenizer = gguf_file.gguf_tokenizer(gguf, gguf_file.Metadata(reader, gguf))
+    cfg = tiny_config(vocab_size=49152)
+    model = random_model(cfg, max_context=256)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" and "kv_cache" not in k}
+    save_file(state, str(folder / "model.safetensors"))
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
+          "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": True, "max_position_embeddings": 512,
+          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_ids[0]}
+    (folder / "config.json").write_text(json.dumps(hf))
+    for name, data in tokenizer.files.items():
+        (folder / name).write_bytes(data)
+    return folder
 
 
 def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:

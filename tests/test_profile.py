@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 from edgepack.cli import main
 from edgepack.errors import EdgepackError, UsageError
@@ -25,7 +24,7 @@ from edgepack.profile_device import (
     run_qai_hub,
 )
 from edgepack.targets import Target, get_target
-from tests.conftest import random_model, tiny_config
+from tests.conftest import tiny_folder_with_default_tokenizer
 
 DATA = Path(__file__).parent / "data"
 LENGTHS = [16, 48]
@@ -34,27 +33,9 @@ LENGTHS = [16, 48]
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama with SmolLM2's real tokenizer, exported by `edgepack export` (reference backend)."""
-    from edgepack import intake
-    from edgepack.intake import gguf_file
     from edgepack.export import plan_export, run_export
 
-    gguf = intake.default_model_path()
-    reader = gguf_file.open_gguf(gguf)
-    tokenizer = gguf_file.gguf_tokenizer(gguf, gguf_file.Metadata(reader, gguf))
-    folder = tmp_path_factory.mktemp("tiny_hf")
-    cfg = tiny_config(vocab_size=49152)
-    model = random_model(cfg, max_context=256)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" and "kv_cache" not in k}
-    save_file(state, str(folder / "model.safetensors"))
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
-          "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-          "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-          "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rope_theta": cfg.rope_theta,
-          "rms_norm_eps": cfg.rms_norm_eps, "tie_word_embeddings": True, "max_position_embeddings": 512,
-          "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_ids[0]}
-    (folder / "config.json").write_text(json.dumps(hf))
-    for name, data in tokenizer.files.items():
-        (folder / name).write_bytes(data)
+    folder = tiny_folder_with_default_tokenizer(tmp_path_factory.mktemp("tiny_hf"))
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
     run_export(plan_export(str(folder), "host", "fp32", 256, out, backend="reference", verify=False))
     return out
