@@ -381,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         "bandwidth_bound": bandwidth_bound(gguf, next(iter(facts.values()))["config"], positions, max(bandwidth)),
         "results": results,
         "ratios": {e: {o: ratios(results, e, o, positions) for o in (ANCHOR, GENAI) if o in results} for e in bundles},
-        "greedy_agreement": {e: common_prefix(runs[e][0]["tokens"], runs[ANCHOR][0]["tokens"]) for e in bundles}
-        if has_llama else {},
+        "greedy_agreement": {e: common_prefix(runs[e][0]["tokens"], runs[ANCHOR][0]["tokens"])
+                             for e in kinds if e != ANCHOR} if has_llama else {},
         "others_cores_median": statistics.median(r["others_cores"] for e in kinds for r in runs[e]),
         "runs": runs,
     }

@@ -10,7 +10,8 @@ Each export runs `edgepack export` in a child process: wall time is the child's,
 (load, quantize, lower, write and the quality gate together). The gate's figures come from the bundle's
 manifest: top-1 / KL / perplexity ratio against the fp32 reference, and fidelity against the torch model on
 the same quantized weights. With llama-cpp-python installed (`pip install -e .[bench]`), a GGUF model also
-gets llama.cpp's own figures on the same text against the same fp32 reference (its Q8 activations included).
+gets llama.cpp's own figures on the same text against the same fp32 reference (its Q8 activations included),
+and with `--genai DIR` also onnxruntime-genai's own int4 build of the same GGUF (built under DIR).
 Run it on a quiet machine (`uptime`): one export at a time, nothing else.
 """
 
@@ -99,14 +100,14 @@ def _child_peak_kb(pid: int) -> int | None:
     return int(usage.ru_maxrss) or None  # the largest child so far: run one export per process of this script
 
 
-def llama_cpp_figures(source: str | None, tokens: int = 1024, threads: int = 2) -> dict[str, Any] | None:
-    """llama.cpp on the same GGUF, scored like a bundle: teacher forcing on the gate's text against the fp32
-    reference (the GGUF dequantized); None without llama-cpp-python or for a non-GGUF source."""
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
+def anchor_figures(source: str | None, tokens: int = 1024, threads: int = 2,
+                   genai_dir: Path | None = None) -> list[dict[str, Any]]:
+    """The engines users would otherwise pick, scored like a bundle on the same GGUF: teacher forcing on the
+    gate's text against the fp32 reference (the GGUF dequantized). llama.cpp on the GGUF itself (its Q8
+    activations included) and, with `genai_dir`, onnxruntime-genai's own int4 build of it (benchmarks/engines.py
+    build_genai: re-rounded from the dequantized weights). Empty for a non-GGUF source."""
     import numpy as np
 
-    import llama_cpp
     from edgepack.evaltext import load_text
     from edgepack.intake import default_model_path, load_student
     from edgepack.model import build_model
@@ -115,20 +116,12 @@ def llama_cpp_figures(source: str | None, tokens: int = 1024, threads: int = 2) 
 
     path = Path(source) if source else default_model_path()
     if path.suffix.lower() != ".gguf":
-        return None
+        return []
     student = load_student(str(path))
     text, _ = load_text(None)
     from tokenizers import Tokenizer
 
     ids = Tokenizer.from_str(student.tokenizer_files["tokenizer.json"].decode()).encode(text).ids[: tokens + 1]
-    llm = llama_cpp.Llama(str(path), n_ctx=len(ids) + 8, n_threads=threads, logits_all=True, verbose=False)
-
-    class LlamaScorer:
-        def score(self, part: Any) -> np.ndarray:
-            llm.reset()
-            llm.eval([int(i) for i in part])
-            return np.asarray(llm.scores[: len(part)], dtype=np.float32)
-
     reference = TorchDecoder(build_model(student.config, student.state_dict, max_context=len(ids) + 8))
 
     class TorchScorer:
@@ -136,8 +129,48 @@ def llama_cpp_figures(source: str | None, tokens: int = 1024, threads: int = 2) 
             reference.reset()
             return reference.forward(np.asarray(part), 0)
 
-    a = teacher_forcing(TorchScorer(), LlamaScorer(), ids)
-    return {"top1": a.top1_agreement, "kl": a.mean_kl, "ppl_ratio": a.perplexity_ratio, "version": llama_cpp.__version__}
+    rows = []
+    for label, scorer in _anchor_scorers(path, len(ids) + 8, threads, genai_dir):
+        a = teacher_forcing(TorchScorer(), scorer, ids)
+        rows.append({"backend": label, "top1": a.top1_agreement, "kl": a.mean_kl, "ppl_ratio": a.perplexity_ratio})
+    return rows
+
+
+def _anchor_scorers(gguf: Path, context: int, threads: int, genai_dir: Path | None) -> Any:
+    """(label, scorer with `score(ids) -> logits [N, vocab]`) for each anchor engine installed."""
+    import numpy as np
+
+    if importlib.util.find_spec("llama_cpp") is not None:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(str(gguf), n_ctx=context, n_threads=threads, logits_all=True, verbose=False)
+
+        class LlamaScorer:
+            def score(self, part: Any) -> np.ndarray:
+                llm.reset()
+                llm.eval([int(i) for i in part])
+                return np.asarray(llm.scores[: len(part)], dtype=np.float32)
+
+        yield f"llama.cpp {llama_cpp.__version__} (same GGUF)", LlamaScorer()
+    if genai_dir is not None and importlib.util.find_spec("onnxruntime_genai") is not None:
+        import onnxruntime_genai as og
+
+        from engines import build_genai
+
+        model = og.Model(og.Config(str(build_genai(gguf, genai_dir, threads))))
+
+        class GenaiScorer:
+            def score(self, part: Any) -> np.ndarray:  # its generator returns the last position's logits
+                params = og.GeneratorParams(model)
+                params.set_search_options(max_length=context, do_sample=False)
+                generator = og.Generator(model, params)
+                rows = []
+                for token in part:
+                    generator.append_tokens(np.asarray([token], np.int32))
+                    rows.append(np.array(generator.get_logits()[0, -1], dtype=np.float32))
+                return np.stack(rows)
+
+        yield f"onnxruntime-genai {og.__version__} int4 (its own build)", GenaiScorer()
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -161,6 +194,7 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--out", type=Path, help="also write the JSON here")
+    p.add_argument("--genai", type=Path, help="also score onnxruntime-genai's own int4 build (made in this folder)")
     p.add_argument("--one", nargs=3, metavar=("SOURCE", "BACKEND", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:  # one export in its own process, so ru_maxrss is that export's alone
@@ -178,10 +212,9 @@ def main() -> int:
                                    "--timeout", str(args.timeout)], capture_output=True, text=True)
             row = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else {"status": done.stderr[-200:]}
             rows.append({"model": label, "backend": BACKENDS[backend][1], **row})
-        anchor = llama_cpp_figures(source) if spec not in SHAPES else None
-        if anchor:
-            rows.append({"model": label, "backend": f"llama.cpp {anchor.pop('version')} (same GGUF)", **anchor,
-                         "status": "anchor"})
+        if spec not in SHAPES:
+            genai = args.genai / f"genai-{spec.partition('=')[0]}" if args.genai else None
+            rows += [{"model": label, **anchor, "status": "anchor"} for anchor in anchor_figures(source, genai_dir=genai)]
     report = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "rows": rows}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))

@@ -31,6 +31,7 @@ import torch
 from edgepack.blocks import BLOCK, CarriedBlocks, Int4Blocks, Int8Blocks, TernaryBlocks
 from edgepack.errors import EdgepackError
 from edgepack.progress import SILENT, Steps
+from edgepack.runtime.onnxruntime_backend import LAST_ONLY_INPUT
 
 OPSET = 23  # RMSNormalization (opset 23): one fused norm op, which QNN maps to its RmsNorm
 MS_DOMAIN = "com.microsoft"
@@ -187,12 +188,27 @@ def build_decoder(model: Any, spec: GraphSpec, blocks: Mapping[str, CarriedBlock
             outputs.append(helper.make_tensor_value_info(f"{prefix}_{kind}_{i}", TensorProto.FLOAT, out_shape))
         progress.advance()
     h = _rms_norm(g, x, state["model.norm.weight"], cfg.rms_norm_eps)
+    if not static:
+        h = _last_rows(g, h, inputs)
     logits = _lm_head(g, h, state, cfg, spec)
     g.op("Reshape", [logits, g.const([1, -1, cfg.vocab_size])], out_names=["logits"])
 
     graph = helper.make_graph(g.nodes, "decoder", inputs, outputs, g.inits)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="edgepack", ir_version=10)
+
+
+def _last_rows(g: GraphBuilder, h: str, inputs: list[Any]) -> str:
+    """The hidden states the output layer reads: every position, or only the last one when the optional
+    input `last_token_logits` (int64 [1], default 0: an initializer backs it, so onnxruntime-genai, which does
+    not feed it, gets every position) is 1. A prompt needs the last position's logits only: the output layer
+    is the largest matmul, and a 128-token chunk's logits alone are 25 MB for a 49k vocabulary."""
+    from onnx import TensorProto, helper
+
+    inputs.append(helper.make_tensor_value_info(LAST_ONLY_INPUT, TensorProto.INT64, [1]))
+    g.init(LAST_ONLY_INPUT, np.zeros(1, np.int64))
+    start = g.op("Neg", [LAST_ONLY_INPUT], "rows_from")  # 0: all rows; -1: the last one
+    return g.op("Slice", [h, start, g.const([np.iinfo(np.int64).max]), g.const([0])], "rows")
 
 
 def _mlp(g: GraphBuilder, h: str, state: Mapping, blocks: Mapping, spec: GraphSpec, cfg: Any, p: str) -> str:

@@ -32,6 +32,9 @@ class Decoder(Protocol):
         """Forget the cache (a new conversation starts at position 0)."""
         ...
 
+    # Optional: `forward_last(tokens, start_pos) -> [1, vocab]`, the same step computing the output layer for the
+    # last position only (what a prompt needs); `Session` uses it where a decoder has it.
+
 
 # backend name (as written in a bundle manifest) -> factory(bundle_dir, manifest) -> Decoder
 BackendFactory = Callable[[Path, dict], Decoder]

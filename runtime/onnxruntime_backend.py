@@ -25,6 +25,7 @@ import numpy as np
 from edgepack.errors import EdgepackError
 from edgepack.runtime.backend import register_backend
 
+LAST_ONLY_INPUT = "last_token_logits"  # CPU graphs: int64 [1], 1 = the output layer on the last position only
 NPU_MASK_VALUE = -80.0  # same constant the exporter calibrated with (exporters/onnx_graph.py)
 
 
@@ -70,11 +71,24 @@ class OrtCpuDecoder:
             self.binding.bind_ortvalue_input(name, value)
             self.binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
         self.cached = 0  # positions held in the buffers
+        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with a default
+        if LAST_ONLY_INPUT in optional:  # bundles before it compute every row
+            self._rows = {n: ort.OrtValue.ortvalue_from_numpy(np.full(1, n, np.int64)) for n in (0, 1)}
+            self.forward_last = self._forward_last
 
     def reset(self) -> None:
         self.cached = 0  # GQA reads only the first `attention_mask` positions: no need to clear the buffers
 
-    def forward(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+    def _forward_last(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
+        """`forward` with the output layer on the last position only: logits [1, vocab]."""
+        # (an input with a default binds only as an OrtValue: bind_cpu_input does not find it)
+        self.binding.bind_ortvalue_input(LAST_ONLY_INPUT, self._rows[1])
+        try:
+            return self.forward(tokens, start_pos, rows=1)
+        finally:
+            self.binding.bind_ortvalue_input(LAST_ONLY_INPUT, self._rows[0])
+
+    def forward(self, tokens: np.ndarray, start_pos: int, rows: int | None = None) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1)
         if start_pos > self.cached or start_pos + tokens.shape[1] > self.max_context:
             raise ValueError(f"start_pos {start_pos} with {tokens.shape[1]} tokens: cache holds {self.cached}, "
@@ -82,7 +96,7 @@ class OrtCpuDecoder:
         total = start_pos + tokens.shape[1]
         self.binding.bind_cpu_input("input_ids", tokens)
         self.binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        logits = np.empty((1, tokens.shape[1], self.vocab_size), np.float32)
+        logits = np.empty((1, rows or tokens.shape[1], self.vocab_size), np.float32)
         self.binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(self.binding)
         self.cached = total

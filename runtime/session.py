@@ -373,9 +373,10 @@ class Session:
     def _feed(self, ids: list[int]) -> np.ndarray:
         """Feed the prompt in chunks; return the logits of its last position."""
         tokens = np.asarray(ids, dtype=np.int64)
+        forward = getattr(self.decoder, "forward_last", self.decoder.forward)
         logits = None
         for i in range(0, tokens.size, self.prefill_chunk):
-            logits = self.decoder.forward(tokens[i : i + self.prefill_chunk], i)
+            logits = forward(tokens[i : i + self.prefill_chunk], i)
         assert logits is not None
         return logits[-1]
 
