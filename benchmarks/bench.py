@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engines  # noqa: E402  (benchmarks/engines.py: the child side)
 
-ANCHOR, GENAI = "llama.cpp", "genai"
+ANCHOR, GENAI = "llama.cpp", "genai int4"
 BUSY_CORES = 0.25  # other processes' CPU use above which the report warns that its figures are unreliable
 HEADLINE = {  # result key -> table label
     "ttft_s": "first token s (cold)",

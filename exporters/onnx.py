@@ -260,10 +260,11 @@ def genai_config(request: ExportRequest) -> dict[str, Any]:
 
 
 def save_model(proto: Any, path: Path) -> None:
-    """One file up to protobuf's 2 GB; beyond that the weights go to `<name>.data` beside it."""
+    """The graph in `path`, the weights in `<name>.data` beside it (ONNX external data, as onnxruntime-genai's own
+    models are written). ONNX Runtime then keeps no in-memory copy of the protobuf's weights next to its own
+    tensors: resident after loading, Qwen2.5-Coder-0.5B int4 (702 MB) 980 -> 678 MB, SmolLM2-135M 211 -> 186 MB.
+    It also lifts protobuf's 2 GB limit on a single file."""
     import onnx
 
-    if proto.ByteSize() < 1_900_000_000:
-        onnx.save_model(proto, str(path))
-    else:
-        onnx.save_model(proto, str(path), save_as_external_data=True, location=Path(path).name + ".data")
+    onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=Path(path).name + ".data", size_threshold=1024)

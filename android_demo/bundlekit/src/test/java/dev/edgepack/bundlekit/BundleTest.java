@@ -48,7 +48,7 @@ class BundleTest {
     @Test
     void aNameTheManifestDoesNotListIsRefused() throws Exception {
         Bundle bundle = Bundle.open(Vectors.bundle(), false);
-        BundleException e = assertThrows(BundleException.class, () -> bundle.file("model.onnx.data"));
+        BundleException e = assertThrows(BundleException.class, () -> bundle.file("weights.bin"));
         assertTrue(e.getMessage().contains("not listed"), e.getMessage());
     }
 
