@@ -62,7 +62,9 @@ class ExecuTorchDecoder:
         threads = os.environ.get("EDGEPACK_THREADS")
         if threads:
             set_threads(int(threads))
-        self._program = bindings._load_program(str(self.path), program_verification=bindings.Verification.Minimal)
+        # InternalConsistency: the flatbuffer is checked before use (a bundle's checksums say nothing of its author)
+        self._program = bindings._load_program(str(self.path),
+                                               program_verification=bindings.Verification.InternalConsistency)
         self._method = self._program.load_method("forward")  # XNNPACK packs its weights here, once
 
     def reset(self) -> None:
