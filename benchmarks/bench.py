@@ -106,8 +106,9 @@ def default_gguf() -> Path:
 
 
 def bandwidth_bound(gguf: Path, config: dict[str, Any], positions: list[int], bandwidth_gbs: float) -> dict[str, Any]:
-    """Decode tok/s no engine can pass on this host: bandwidth / (the GGUF's weights read per token + an fp16
-    KV cache up to the position). The token table counts only where it is also the output layer (tied)."""
+    """The decode tok/s that reading these weights allows on this host: bandwidth / (the GGUF's weights read per
+    token + an fp16 KV cache up to the position). The token table counts only where it is also the output layer
+    (tied). An engine that rounds the weights again to fewer bytes (genai's int4 build) reads less than this."""
     import gguf as gguf_py
 
     tensors = {t.name: int(t.n_bytes) for t in gguf_py.GGUFReader(gguf).tensors}
