@@ -55,7 +55,12 @@ class OrtCpuDecoder:
 
         source = program if isinstance(program, bytes) else str(program)
         self._ort = ort
-        self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(source, session_options(threads), providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT's own message names the problem: a weights file outside the bundle, a bad graph
+            where = "the model" if isinstance(program, bytes) else Path(program).name
+            raise EdgepackError(f"ONNX Runtime cannot load {where}: {str(e).splitlines()[0]}",
+                                "re-export the bundle with edgepack; do not edit its files") from None
         if "attention_mask" not in {i.name for i in self.session.get_inputs()}:
             raise EdgepackError("this ONNX bundle's model predates the shared KV-cache layout (no attention_mask input)",
                                 "re-export the bundle with this edgepack")

@@ -485,3 +485,35 @@ def test_run_json_stays_json_when_native_code_prints(bundle: Path, session: Sess
     streamed = cli("run", str(bundle), PROMPTS[0], code=code)
     assert streamed.returncode == 0 and "LIBNATIVE" not in streamed.stdout.decode()
     assert streamed.stdout.decode().strip() == data["text"].strip()
+
+
+# ---- an ONNX bundle's weights stay inside the bundle --------------------------------------------------------
+
+
+def test_an_onnx_graph_that_points_its_weights_outside_the_bundle_is_refused(tmp_path: Path) -> None:
+    """model.onnx names its external weights file; a crafted one (re-checksummed, so the manifest holds) naming
+    a file beside the bundle is refused by ONNX Runtime's own path check, reported in one line."""
+    import hashlib
+
+    import onnx
+
+    from edgepack.export import plan_export, run_export
+    from tests.conftest import tiny_folder_with_default_tokenizer
+
+    (tmp_path / "hf").mkdir()
+    bundle = tmp_path / "bundle"
+    run_export(plan_export(str(tiny_folder_with_default_tokenizer(tmp_path / "hf")), "host", "int4", 256, bundle,
+                           backend="onnx/cpu", verify=False))
+    (tmp_path / "outside.data").write_bytes((bundle / "model.onnx.data").read_bytes())
+    graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    for tensor in graph.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    onnx.save(graph, str(bundle / "model.onnx"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    data = (bundle / "model.onnx").read_bytes()
+    manifest["files"]["model.onnx"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert_one_line_error(cli("run", str(bundle), "Hi"), 1, "ONNX Runtime cannot load model.onnx",
+                          "escapes model directory", "re-export")
