@@ -86,7 +86,9 @@ def test_default_int4_bundle_tracks_fp32_on_real_text(default_int4_bundle, refer
 
 
 def test_default_int4_bundle_answers_coherently(default_int4_bundle):
+    """Not "What is the capital of France?": there SmolLM2's fp32 model is at a near tie between "The" (-1.88) and
+    "L" (-1.96), and any int8 rounding of activations (llama.cpp's Q8 included, checked) may start in French."""
     session = runtime.load(default_int4_bundle)
-    answer = session.complete("What is the capital of France?", max_new_tokens=32)
+    answer = session.complete("Name the capital city of France.", max_new_tokens=32)
     assert "Paris" in answer.text
     assert answer.stats.decode_tokens_per_s > 0 and answer.stats.stop_reason == "eos"
