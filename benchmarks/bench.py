@@ -25,7 +25,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -98,13 +97,6 @@ def _text_session(bundle: Path) -> Any:
     return Session(None, BundleTokenizer.from_bundle(bundle, manifest), manifest)  # type: ignore[arg-type]
 
 
-def default_gguf() -> Path:
-    """The embedded default model's GGUF (the one edgepack exports by default)."""
-    from edgepack.intake import default_model_path
-
-    return default_model_path()
-
-
 def bandwidth_bound(gguf: Path, config: dict[str, Any], positions: list[int], bandwidth_gbs: float) -> dict[str, Any]:
     """The decode tok/s that reading these weights allows on this host: bandwidth / (the GGUF's weights read per
     token + an fp16 KV cache up to the position). The token table counts only where it is also the output layer
@@ -140,16 +132,9 @@ def spawn(kind: str, job: dict[str, Any]) -> dict[str, Any]:
 
 
 def host_facts(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        )
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "load_avg_1m": os.getloadavg()[0]}
+    from edgepack.profile import host_facts as profile_host_facts
+
+    return {**profile_host_facts(threads), "load_avg_1m": os.getloadavg()[0]}
 
 
 def bundle_facts(bundle: Path) -> dict[str, Any]:
@@ -345,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
            "new_tokens": args.new_tokens, "decode_tokens": args.decode_tokens, "threads": args.threads,
            "max_context": max_context}
 
-    gguf = (args.gguf or default_gguf()).resolve()
+    from edgepack.intake import default_model_path
+
+    gguf = (args.gguf or default_model_path()).resolve()
     kinds: dict[str, tuple[str, str]] = {label: ("edgepack", str(path)) for label, path in bundles.items()}
     has_llama = importlib.util.find_spec("llama_cpp") is not None
     if has_llama:

@@ -155,20 +155,15 @@ def _anchor_scorers(gguf: Path, context: int, threads: int, genai_dir: Path | No
     if genai_dir is not None and importlib.util.find_spec("onnxruntime_genai") is not None:
         import onnxruntime_genai as og
 
-        from engines import build_genai
+        from engines import GenaiEngine, build_genai
 
-        model = og.Model(og.Config(str(build_genai(gguf, genai_dir, threads))))
+        engine = GenaiEngine(str(build_genai(gguf, genai_dir, threads)), threads, context)
 
         class GenaiScorer:
-            def score(self, part: Any) -> np.ndarray:  # its generator returns the last position's logits
-                params = og.GeneratorParams(model)
-                params.set_search_options(max_length=context, do_sample=False)
-                generator = og.Generator(model, params)
-                rows = []
-                for token in part:
-                    generator.append_tokens(np.asarray([token], np.int32))
-                    rows.append(np.array(generator.get_logits()[0, -1], dtype=np.float32))
-                return np.stack(rows)
+            def score(self, part: Any) -> np.ndarray:  # its generator returns the last position's logits only
+                rows = [engine.prefill([int(part[0])])]
+                rows += [engine.step(int(token), pos) for pos, token in enumerate(part[1:], start=1)]
+                return np.stack(rows).astype(np.float32)
 
         yield f"onnxruntime-genai {og.__version__} int4 (its own build)", GenaiScorer()
 

@@ -186,6 +186,8 @@ def _vm_rss_mb() -> float | None:
 
 
 def _status_mb(key: str) -> float | None:
+    # Not edgepack.profile's twin: the anchors' children (llama.cpp, genai) must not import edgepack, whose modules
+    # would count in their "runtime alone" figure.
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key):
             return int(line.split()[1]) / 1024

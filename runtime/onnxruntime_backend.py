@@ -76,9 +76,12 @@ class OrtCpuDecoder:
             self.binding.bind_ortvalue_input(name, value)
             self.binding.bind_ortvalue_output(name.replace("past_", "present_"), value)
         self.cached = 0  # positions held in the buffers
-        optional = {i.name for i in self.session.get_overridable_initializers()}  # inputs with a default
-        if LAST_ONLY_INPUT in optional:  # bundles before it compute every row
-            self._rows = {n: ort.OrtValue.ortvalue_from_numpy(np.full(1, n, np.int64)) for n in (0, 1)}
+        # The optional last_token_logits input (an initializer gives its default, so only get_overridable_initializers
+        # lists it); bundles before it compute every row. It binds only as an OrtValue (bind_cpu_input misses it).
+        self._last_only: dict[bool, Any] = {}
+        if LAST_ONLY_INPUT in {i.name for i in self.session.get_overridable_initializers()}:
+            self._last_only = {flag: ort.OrtValue.ortvalue_from_numpy(np.full(1, int(flag), np.int64))
+                               for flag in (False, True)}
             self.forward_last = self._forward_last
 
     def reset(self) -> None:
@@ -86,14 +89,9 @@ class OrtCpuDecoder:
 
     def _forward_last(self, tokens: np.ndarray, start_pos: int) -> np.ndarray:
         """`forward` with the output layer on the last position only: logits [1, vocab]."""
-        # (an input with a default binds only as an OrtValue: bind_cpu_input does not find it)
-        self.binding.bind_ortvalue_input(LAST_ONLY_INPUT, self._rows[1])
-        try:
-            return self.forward(tokens, start_pos, rows=1)
-        finally:
-            self.binding.bind_ortvalue_input(LAST_ONLY_INPUT, self._rows[0])
+        return self.forward(tokens, start_pos, last_only=True)
 
-    def forward(self, tokens: np.ndarray, start_pos: int, rows: int | None = None) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, start_pos: int, last_only: bool = False) -> np.ndarray:
         tokens = np.ascontiguousarray(tokens, dtype=np.int64).reshape(1, -1)
         if start_pos > self.cached or start_pos + tokens.shape[1] > self.max_context:
             raise ValueError(f"start_pos {start_pos} with {tokens.shape[1]} tokens: cache holds {self.cached}, "
@@ -101,7 +99,9 @@ class OrtCpuDecoder:
         total = start_pos + tokens.shape[1]
         self.binding.bind_cpu_input("input_ids", tokens)
         self.binding.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
-        logits = np.empty((1, rows or tokens.shape[1], self.vocab_size), np.float32)
+        if self._last_only:
+            self.binding.bind_ortvalue_input(LAST_ONLY_INPUT, self._last_only[last_only])
+        logits = np.empty((1, 1 if last_only else tokens.shape[1], self.vocab_size), np.float32)
         self.binding.bind_ortvalue_output("logits", self._ort.OrtValue.ortvalue_from_numpy(logits))
         self.session.run_with_iobinding(self.binding)
         self.cached = total

@@ -279,7 +279,7 @@ def profile_bundle(
             "context_length": context,
             "built_for": manifest["target"],
         },
-        "host": {**_host_facts(threads), "calibration": calibration},
+        "host": {**host_facts(threads), "calibration": calibration},
         "workload": {"prompt_lengths": lengths, "new_tokens": new_tokens, "runs": runs,
                      "warmup_decode_steps": WARMUP_DECODE_STEPS},
         "measured": measured,
@@ -333,7 +333,8 @@ def _median(value: Any) -> float | None:
     return float(value["median"]) if isinstance(value, dict) else float(value)
 
 
-def _host_facts(threads: int) -> dict[str, Any]:
+def host_facts(threads: int) -> dict[str, Any]:
+    """CPU model, core count and the threads used (what a figure measured on this host needs beside it)."""
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

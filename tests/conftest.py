@@ -72,6 +72,17 @@ def tiny_folder_with_default_tokenizer(folder: Path) -> Path:
     return folder
 
 
+def tiny_onnx_bundle(work: Path) -> Path:
+    """`work/bundle`: that tiny model exported by `edgepack export` to ONNX Runtime CPU, int4, unverified."""
+    from edgepack.export import plan_export, run_export
+
+    (work / "hf").mkdir()
+    bundle = work / "bundle"
+    run_export(plan_export(str(tiny_folder_with_default_tokenizer(work / "hf")), "host", "int4", 256, bundle,
+                           backend="onnx/cpu", verify=False))
+    return bundle
+
+
 def run_sequence(decoder, tokens: np.ndarray) -> np.ndarray:
     """Prefill 12 tokens in two chunks, then decode the rest one by one: the runtime's call pattern."""
     out = [decoder.forward(tokens[:5], 0), decoder.forward(tokens[5:12], 5)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import tiny_folder_with_default_tokenizer
+from tests.conftest import tiny_onnx_bundle
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 POSITIONS = [1, 64, 200]
@@ -20,13 +20,8 @@ POSITIONS = [1, 64, 200]
 
 @pytest.fixture(scope="module")
 def bench_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, int]:
-    from edgepack.export import plan_export, run_export
-
     work = tmp_path_factory.mktemp("bench")
-    (work / "hf").mkdir()
-    folder = tiny_folder_with_default_tokenizer(work / "hf")
-    bundle = work / "bundle"
-    run_export(plan_export(str(folder), "host", "int4", 256, bundle, backend="onnx/cpu", verify=False))
+    bundle = tiny_onnx_bundle(work)
     out, chart = work / "bench.json", work / "bench.png"
     proc = subprocess.run(
         [sys.executable, str(BENCH), str(bundle), "--rounds", "2", "--prompt-tokens", "40", "--new-tokens", "8",

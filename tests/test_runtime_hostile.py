@@ -497,13 +497,9 @@ def test_an_onnx_graph_that_points_its_weights_outside_the_bundle_is_refused(tmp
 
     import onnx
 
-    from edgepack.export import plan_export, run_export
-    from tests.conftest import tiny_folder_with_default_tokenizer
+    from tests.conftest import tiny_onnx_bundle
 
-    (tmp_path / "hf").mkdir()
-    bundle = tmp_path / "bundle"
-    run_export(plan_export(str(tiny_folder_with_default_tokenizer(tmp_path / "hf")), "host", "int4", 256, bundle,
-                           backend="onnx/cpu", verify=False))
+    bundle = tiny_onnx_bundle(tmp_path)
     (tmp_path / "outside.data").write_bytes((bundle / "model.onnx.data").read_bytes())
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
     for tensor in graph.graph.initializer:

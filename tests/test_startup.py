@@ -27,13 +27,9 @@ def test_cli_starts_without_heavy_imports(args):
 def test_running_an_onnx_bundle_does_not_import_torch(tmp_path):
     """`edgepack run` on an ONNX bundle needs ONNX Runtime, the tokenizer and the template: torch alone would add
     ~200 MB resident and a second of start-up to every run (only ExecuTorch's bindings link libtorch)."""
-    from edgepack.export import plan_export, run_export
-    from tests.conftest import tiny_folder_with_default_tokenizer
+    from tests.conftest import tiny_onnx_bundle
 
-    bundle = tmp_path / "bundle"
-    (tmp_path / "hf").mkdir()
-    folder = tiny_folder_with_default_tokenizer(tmp_path / "hf")
-    run_export(plan_export(str(folder), "host", "int4", 256, bundle, backend="onnx/cpu", verify=False))
+    bundle = tiny_onnx_bundle(tmp_path)
     out = subprocess.run([sys.executable, "-c", PROBE, "run", str(bundle), "Name the capital city of France.",
                           "--max-new-tokens", "4"], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "onnxruntime"
