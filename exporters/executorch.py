@@ -9,10 +9,9 @@ ExecuTorch's own LLM runners read (BOS/EOS ids, max lengths, vocab size).
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from torch import nn
 from edgepack.blocks import BLOCK
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
+from edgepack.exporters.xnnpack_reuse import reuse_lowered_layers
 from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, rope_tables, through
 from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
@@ -395,20 +395,26 @@ def lower_to_pte(model: CausalLM, meta: Metadata,
     seq = torch.export.Dim("seq", min=1, max=meta.max_prefill)
     step("torch.export")
     with torch.no_grad():  # non-strict: Python tracing, 2x faster than TorchDynamo here and the same graph
+        # (No run_decompositions here: ExecuTorch's lowering starts with the same one.)
         exported = torch.export.export(model, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=False)
-        exported = exported.run_decompositions({})
     for node in exported.graph.nodes:
         # Provenance records: every later pass deep-copies a node's whole chain of them (16% of the lowering).
         node.meta.pop("from_node", None)
     step("lower to XNNPACK: edge dialect and partitioning")
 
     class CountingPartitioner(XnnpackPartitioner):  # names the delegate count once it is known
+        def ops_to_not_decompose(self, program: Any) -> Any:
+            # Without the per-node check ExecuTorch keeps these ops through one decomposition pass instead of three
+            # (its EDGE_DO_NOT_DECOMP path); every linear here lowers to XNNPACK, so none needs the check.
+            ops, _check = super().ops_to_not_decompose(program)
+            return ops, None
+
         def partition(self, program: Any) -> Any:
             result = super().partition(program)
             step("lower to XNNPACK: compile delegates", total=len(result.partition_tags))
             return result
 
-    with _delegate_progress(step):
+    with reuse_lowered_layers(on_delegate=step.advance):  # each distinct layer graph lowered once
         edge = to_edge_transform_and_lower(
             exported,
             partitioner=[CountingPartitioner()],
@@ -425,26 +431,6 @@ def lower_to_pte(model: CausalLM, meta: Metadata,
         )
     )
     return program.buffer, program_operators(program)
-
-
-@contextmanager
-def _delegate_progress(step: Steps) -> Iterator[None]:
-    """Advance `step` once per delegate XNNPACK compiles (each layer is one: the long part of an export).
-    ExecuTorch offers no callback and finds backends by class name, so `preprocess` is wrapped for the call."""
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-
-    original = XnnpackBackend.__dict__["preprocess"]
-
-    def preprocess(program: Any, compile_specs: Any) -> Any:
-        result = original.__func__(program, compile_specs)
-        step.advance()
-        return result
-
-    XnnpackBackend.preprocess = staticmethod(preprocess)
-    try:
-        yield
-    finally:
-        XnnpackBackend.preprocess = original
 
 
 # Operator namespace -> the ExecuTorch kernel library that registers it: CMake target / iOS framework.
