@@ -49,7 +49,7 @@ def reuse_lowered_layers(on_delegate: Callable[[], None] = lambda: None) -> Iter
     counts = ReuseCounts()
 
     def preprocess(program: Any, compile_specs: Any) -> Any:
-        key = graph_signature(program)
+        key = graph_signature(program) + repr([(spec.key, spec.value) for spec in compile_specs])  # specs pick passes
         seen = counts.signatures.get(key)
         recorded: list[Any] = []
         if seen is not None:
