@@ -1,9 +1,10 @@
 """Lower a (quantized) `CausalLM` to an ExecuTorch program (.pte) with the XNNPACK delegate.
 
-Steps: (1) swap the KV cache and attention for ExecuTorch's custom ops (in-place cache update, SDPA that
-reads only the filled prefix), (2) torch.export with a dynamic token count, (3) lower the linears to
-XNNPACK (int4/int8 kernels for the torchao patterns), (4) emit the program with the metadata methods
-ExecuTorch's own LLM runners read (BOS/EOS ids, max lengths, vocab size).
+Steps: (1) write the model as XNNPACK pieces (a layer's projections and MLP, the output layer) joined by
+ExecuTorch's custom ops for the KV cache and attention (in-place cache update, SDPA that reads only the filled
+prefix), (2) lower each piece to one XNNPACK delegate (int4/int8 kernels for the torchao patterns; a layer's graph
+once, `xnnpack_pieces`), (3) torch.export the program around the delegates with a dynamic token count, (4) emit it
+with the metadata methods ExecuTorch's own LLM runners read (BOS/EOS ids, max lengths, vocab size).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,8 +22,9 @@ from torch import nn
 from edgepack.blocks import BLOCK
 from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
+from edgepack.exporters.xnnpack_pieces import PieceLowerer
 from edgepack.exporters.xnnpack_reuse import reuse_lowered_layers
-from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, rope_tables, through
+from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, through
 from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
 
@@ -42,50 +45,128 @@ class CustomOpsKVCache(nn.Module):
         return self.k, self.v
 
 
-# Why the program is written anew here rather than exported from `CausalLM` as it is: ExecuTorch's XNNPACK
-# lowering runs ~30 graph passes, each re-tracing every node with FakeTensors under the symbolic token count, and
-# every op XNNPACK's partitioner refuses splits a layer's delegate. Written as below (2-D activations [T, hidden],
-# reshapes with one inferred dimension, no slices or squeezes of dynamic tensors, a 4-D mean, quantization ops
-# with meta kernels), each layer is one delegate between ExecuTorch's cache and attention ops, and the default
-# model lowers ~3x faster (NOTES.md, "Why the lowering is slow"). The weights are the same tensors; the arithmetic
-# is the same up to summation order.
+# Why the program is written anew here rather than exported from `CausalLM` as it is: XNNPACK's partitioner splits a
+# delegate at every op it refuses, and ExecuTorch re-traces every node with FakeTensors in each of its passes. Written
+# as below (2-D activations [T, hidden], reshapes with one inferred dimension, no slices or squeezes of dynamic
+# tensors, a 4-D mean, quantization ops with meta kernels), every piece between two attention ops is one delegate.
+# The pieces are lowered one by one (`xnnpack_pieces`): a layer's graph once, the other layers over their own
+# weights. The weights are the same tensors; the arithmetic is the same up to summation order.
 
 
-class XnnpackAttention(nn.Module):
-    """`Attention` on [T, hidden] activations with ExecuTorch's custom ops (`llama::update_cache` writes the
-    cache in place, `llama::custom_sdpa` reads only the filled prefix and handles GQA); RoPE's rotate-half is
-    a [D, D] signed permutation matmul, since XNNPACK takes no slice of a dynamic tensor."""
+class AttentionInputs(nn.Module):
+    """A layer's attention inputs from its residual stream: norm, q/k/v projections, RoPE. RoPE's rotate-half is a
+    [D, D] signed permutation matmul, since XNNPACK takes no slice of a dynamic tensor."""
 
-    def __init__(self, attn: Attention) -> None:
+    TOKEN_DIMS = (0, 0, 0)  # x [T, hidden], cos, sin [T, 1, D]
+
+    def __init__(self, layer: nn.Module) -> None:
         super().__init__()
+        attn = layer.self_attn
         rounded = attn.int8_inputs is not None
+        self.norm = XnnpackRMSNorm(layer.input_layernorm)
         self.q_proj, self.k_proj, self.v_proj = (xnnpack_linear(p, rounded) for p in (attn.q_proj, attn.k_proj,
                                                                                      attn.v_proj))
-        self.o_proj = xnnpack_linear(attn.o_proj, rounded)
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        self.kv_cache = CustomOpsKVCache(attn.kv_cache)
         dtype = attn.kv_cache.k.dtype  # the model's float dtype
         self.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim).to(dtype), persistent=False)
-        # BitNet only (None for Llama/Qwen2, whose graph stays as it was): the sub-norm before o_proj and the int8
-        # rounding of the projections' inputs.
-        self.attn_sub_norm = _optional(XnnpackRMSNorm, attn.attn_sub_norm)
-        self.int8_inputs = _optional(XnnpackInt8Activations, attn.int8_inputs)
+        self.int8_inputs = _optional(XnnpackInt8Activations, attn.int8_inputs)  # BitNet only
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d = self.head_dim
-        x = through(self.int8_inputs, x)
+        x = through(self.int8_inputs, self.norm(x))
         q = self.q_proj(x).view(1, -1, self.num_heads, d)
         k = self.k_proj(x).view(1, -1, self.num_kv_heads, d)
         v = self.v_proj(x).view(1, -1, self.num_kv_heads, d)
         q = q * cos + F.linear(q, self.rotate_half) * sin
         k = k * cos + F.linear(k, self.rotate_half) * sin
+        return q, k, v
+
+
+class CachedAttention(nn.Module):
+    """Attention over the cache with ExecuTorch's custom ops (`llama::update_cache` writes the cache in place,
+    `llama::custom_sdpa` reads only the filled prefix and handles GQA); between the delegates, not in one."""
+
+    def __init__(self, attn: Attention) -> None:
+        super().__init__()
+        self.kv_cache = CustomOpsKVCache(attn.kv_cache)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
         k_all, v_all = self.kv_cache.update(start, k, v)
         dtype = q.dtype
         if dtype not in (torch.float32, torch.bfloat16):  # the kernel computes in fp32 or bf16
             q, k_all, v_all = q.float(), k_all.float(), v_all.float()
-        out = torch.ops.llama.custom_sdpa(q, k_all, v_all, start, None, 0.0, True)
-        out = through(self.attn_sub_norm, out.to(dtype).view(-1, self.num_heads * d))
-        return self.o_proj(through(self.int8_inputs, out))
+        return torch.ops.llama.custom_sdpa(q, k_all, v_all, start, None, 0.0, True).to(dtype)
+
+
+class LayerOutput(nn.Module):
+    """The rest of a layer after attention: o_proj and the residual, the MLP and its residual."""
+
+    TOKEN_DIMS = (1, 0)  # attention output [1, T, heads, D], x [T, hidden]
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        attn = layer.self_attn
+        self.width = attn.num_heads * attn.head_dim
+        self.o_proj = xnnpack_linear(attn.o_proj, attn.int8_inputs is not None)
+        self.post_attention_layernorm = XnnpackRMSNorm(layer.post_attention_layernorm)
+        self.mlp = XnnpackMLP(layer.mlp)
+        # BitNet only (None for Llama/Qwen2, whose graph stays as it was): the sub-norm before o_proj and the int8
+        # rounding of its input.
+        self.attn_sub_norm = _optional(XnnpackRMSNorm, attn.attn_sub_norm)
+        self.int8_inputs = _optional(XnnpackInt8Activations, attn.int8_inputs)
+
+    def forward(self, attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        out = through(self.attn_sub_norm, attention.view(-1, self.width))
+        x = x + self.o_proj(through(self.int8_inputs, out))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LayerJoin(nn.Module):
+    """One layer's output and the next layer's attention inputs: everything between two attention ops, one
+    delegate (one XNNPACK call per layer instead of two)."""
+
+    TOKEN_DIMS = (1, 0, 0, 0)
+
+    def __init__(self, layer: nn.Module, following: nn.Module) -> None:
+        super().__init__()
+        self.output, self.inputs = LayerOutput(layer), AttentionInputs(following)
+
+    def forward(self, attention: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = self.output(attention, x)
+        return (x, *self.inputs(x, cos, sin))
+
+
+class RopeTables(nn.Module):
+    """cos, sin [T, 1, D] of the given positions, as `rope_tables` computes them; the frequencies repeated
+    over both halves instead of the angles concatenated (the same products; XNNPACK takes no cat of one tensor
+    with itself)."""
+
+    TOKEN_DIMS = (0,)
+
+    def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.cat([inv_freq, inv_freq]), persistent=False)
+        self.dtype = dtype
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = positions.view(-1, 1) * self.inv_freq.view(1, -1)
+        width = angles.shape[-1]
+        return angles.cos().to(self.dtype).view(-1, 1, width), angles.sin().to(self.dtype).view(-1, 1, width)
+
+
+class OutputHead(nn.Module):
+    """The final norm and the output layer, over the last position only."""
+
+    TOKEN_DIMS = (None,)  # x [1, hidden]
+
+    def __init__(self, model: CausalLM) -> None:
+        super().__init__()
+        self.norm = XnnpackRMSNorm(model.model.norm)
+        self.lm_head = xnnpack_linear(model.lm_head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(x))
 
 
 def rotate_half_matrix(dim: int) -> torch.Tensor:
@@ -320,44 +401,68 @@ class XnnpackProgram(nn.Module):
     """The program's `forward(tokens [1, T], input_pos [1]) -> logits [1, vocab]`: the last position's only,
     as ExecuTorch's own LLM export writes it (`generate_full_logits=False`): the output layer runs over one
     row per call instead of T, and the program's output buffer is vocab floats, not T x vocab. Verification
-    scores every position by feeding the program one token at a time (`Session.score`)."""
+    scores every position by feeding the program one token at a time (`Session.score`).
+
+    Its XNNPACK pieces (`PIECES`) are plain modules here (the program runs eagerly as the model does) until
+    `lower_pieces` replaces each by its delegate."""
+
+    PIECES = ("rope", "first", "joins", "last", "head")
 
     def __init__(self, model: CausalLM) -> None:
         super().__init__()
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
 
-        backbone = model.model
-        self.max_context, self.rope_dtype = model.max_context, model.rope_dtype()
-        self.register_buffer("inv_freq", model.inv_freq, persistent=False)
-        self.embed_tokens = PackedEmbedding.from_torchao(backbone.embed_tokens) or backbone.embed_tokens
-        self.layers = nn.ModuleList(XnnpackDecoderLayer(layer) for layer in backbone.layers)
-        self.norm = XnnpackRMSNorm(backbone.norm)
-        self.lm_head = xnnpack_linear(model.lm_head)
+        layers = model.model.layers
+        self.max_context = model.max_context
+        self.embed_tokens = PackedEmbedding.from_torchao(model.model.embed_tokens) or model.model.embed_tokens
+        self.rope = RopeTables(model.inv_freq, model.rope_dtype())
+        self.first = AttentionInputs(layers[0])
+        self.attention = nn.ModuleList(CachedAttention(layer.self_attn) for layer in layers)
+        self.joins = nn.ModuleList(LayerJoin(layer, following) for layer, following in zip(layers, layers[1:]))
+        self.last = LayerOutput(layers[-1])
+        self.head = OutputHead(model)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
         start = input_pos[0].item()
         torch._check(start >= 0)
         torch._check(start + seq <= self.max_context)
-        cos, sin = rope_tables(self.inv_freq, seq, start, self.rope_dtype)
-        cos, sin = cos.view(-1, 1, cos.shape[-1]), sin.view(-1, 1, sin.shape[-1])
+        cos, sin = self.rope(torch.arange(seq, dtype=torch.float32) + start)
         x = self.embed_tokens(tokens.view(-1))
-        for layer in self.layers:
-            x = layer(x, cos, sin, start)
-        return self.lm_head(self.norm(x[-1:]))
+        q, k, v = self.first(x, cos, sin)
+        for index, attention in enumerate(self.attention):
+            out = attention(q, k, v, start)
+            if index < len(self.joins):
+                x, q, k, v = self.joins[index](out, x, cos, sin)
+            else:
+                x = self.last(out, x)
+        return self.head(x[-1:])
 
+    def layer_parts(self, index: int) -> tuple[AttentionInputs, LayerOutput]:
+        """Layer `index`'s attention inputs and output, wherever the pieces hold them."""
+        inputs = self.first if index == 0 else self.joins[index - 1].inputs
+        return inputs, (self.joins[index].output if index < len(self.joins) else self.last)
 
-class XnnpackDecoderLayer(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.self_attn = XnnpackAttention(layer.self_attn)
-        self.mlp = XnnpackMLP(layer.mlp)
-        self.input_layernorm = XnnpackRMSNorm(layer.input_layernorm)
-        self.post_attention_layernorm = XnnpackRMSNorm(layer.post_attention_layernorm)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def lower_pieces(self, lower: Callable[..., nn.Module]) -> None:
+        """Replace every piece by `lower(piece, inputs, token_dims)`; the inputs are the ones an eager call on three
+        tokens gives it (the caches it wrote are cleared after)."""
+        pieces = [getattr(self, name) for name in self.PIECES]
+        pieces = [p for group in pieces for p in (group if isinstance(group, nn.ModuleList) else [group])]
+        inputs: dict[nn.Module, tuple[torch.Tensor, ...]] = {}
+        hooks = [p.register_forward_pre_hook(lambda module, args: inputs.setdefault(module, args)) for p in pieces]
+        with torch.no_grad():
+            self(torch.zeros((1, 3), dtype=torch.long), torch.zeros((1,), dtype=torch.long))
+        for hook in hooks:
+            hook.remove()
+        for attention in self.attention:
+            attention.kv_cache.k.zero_()
+            attention.kv_cache.v.zero_()
+        for name in self.PIECES:
+            group = getattr(self, name)
+            if isinstance(group, nn.ModuleList):
+                setattr(self, name, nn.ModuleList(lower(p, inputs[p], p.TOKEN_DIMS) for p in group))
+            else:
+                setattr(self, name, lower(group, inputs[group], group.TOKEN_DIMS))
 
 
 @dataclass
@@ -383,46 +488,34 @@ class Metadata:
 
 def lower_to_pte(model: CausalLM, meta: Metadata,
                  step: Steps = SILENT) -> tuple[bytes, list[str]]:
-    """Export, lower to XNNPACK and serialize; returns the .pte bytes and the operators it calls."""
+    """Lower each XNNPACK piece, export the program around their delegates and serialize; returns the .pte
+    bytes and the operators it calls."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    model = XnnpackProgram(model)
-    tokens = torch.zeros((1, 2), dtype=torch.long)
-    input_pos = torch.zeros((1,), dtype=torch.long)
-    seq = torch.export.Dim("seq", min=1, max=meta.max_prefill)
-    step("torch.export")
-    with torch.no_grad():  # non-strict: Python tracing, 2x faster than TorchDynamo here and the same graph
-        # (No run_decompositions here: ExecuTorch's lowering starts with the same one.)
-        exported = torch.export.export(model, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=False)
-    for node in exported.graph.nodes:
-        # Provenance records: every later pass deep-copies a node's whole chain of them (16% of the lowering).
-        node.meta.pop("from_node", None)
-    step("lower to XNNPACK: edge dialect and partitioning")
-
-    class CountingPartitioner(XnnpackPartitioner):  # names the delegate count once it is known
+    class Partitioner(XnnpackPartitioner):
         def ops_to_not_decompose(self, program: Any) -> Any:
             # Without the per-node check ExecuTorch keeps these ops through one decomposition pass instead of three
             # (its EDGE_DO_NOT_DECOMP path); every linear here lowers to XNNPACK, so none needs the check.
             ops, _check = super().ops_to_not_decompose(program)
             return ops, None
 
-        def partition(self, program: Any) -> Any:
-            result = super().partition(program)
-            step("lower to XNNPACK: compile delegates", total=len(result.partition_tags))
-            return result
-
-    with reuse_lowered_layers(on_delegate=step.advance):  # each distinct layer graph lowered once
-        edge = to_edge_transform_and_lower(
-            exported,
-            partitioner=[CountingPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=meta.constant_methods(),
-        )
+    program = XnnpackProgram(model)
+    config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+    pieces = PieceLowerer(meta.max_prefill, Partitioner, config, on_piece=step.advance)
+    step("lower to XNNPACK", total=len(program.attention) + 3)  # rope, first, the joins, last, head
+    with reuse_lowered_layers():  # a rebound piece's XNNPACK graph is the first one's, replayed
+        program.lower_pieces(pieces)
+    step("export the program around its delegates")
+    seq = torch.export.Dim("seq", min=1, max=meta.max_prefill)
+    tokens, input_pos = torch.zeros((1, 2), dtype=torch.long), torch.zeros((1,), dtype=torch.long)
+    with torch.no_grad():
+        exported = torch.export.export(program, (tokens, input_pos), dynamic_shapes=({1: seq}, None), strict=False)
+    edge = to_edge(exported, compile_config=config, constant_methods=meta.constant_methods())
     step("emit program")
-    program = edge.to_executorch(
+    emitted = edge.to_executorch(
         ExecutorchBackendConfig(
             extract_delegate_segments=True,
             do_quant_fusion_and_const_prop=True,
@@ -430,7 +523,7 @@ def lower_to_pte(model: CausalLM, meta: Metadata,
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     )
-    return program.buffer, program_operators(program)
+    return emitted.buffer, program_operators(emitted)
 
 
 # Operator namespace -> the ExecuTorch kernel library that registers it: CMake target / iOS framework.
@@ -475,6 +568,12 @@ def _check_delegate(target: Any, delegate: str | None, preset: Any) -> None:
         )
     if delegate not in (None, "xnnpack"):
         raise EdgepackError(f"unknown ExecuTorch delegate {delegate!r}", "use executorch/xnnpack")
+    if preset.dtype != "float32":
+        # Each piece must be one XNNPACK delegate (`xnnpack_pieces`), and XNNPACK takes no dtype cast: an fp16
+        # program's norms (computed in fp32) and RoPE tables would leave casts between delegates in every layer.
+        raise EdgepackError(f"ExecuTorch programs compute in fp32 activations; the {preset.name} preset has "
+                            f"{preset.dtype} activations",
+                            "use --quant int4, int8 or fp32 for executorch (fp16 is for --backend coreml or onnx)")
 
 
 @register_exporter("executorch", preflight=_check_delegate)

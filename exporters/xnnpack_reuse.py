@@ -5,7 +5,8 @@ seconds per layer, most of an int4 export's wall time. A student's layers are on
 a delegate whose graph matches one lowered before (same ops, arguments, shapes and dtypes: `graph_signature`) takes
 that delegate's already-transformed graph over its own weights, and only XNNPACK's serializer runs. This is done only
 where the passes neither changed nor added a weight of the first one (checked on it; otherwise every such delegate
-is lowered in full), so the serialized bytes are those a full lowering writes (tests/test_xnnpack_reuse.py).
+is lowered in full), so the serialized bytes are those a full lowering writes (tests/test_xnnpack_pieces.py).
+`xnnpack_pieces` calls XNNPACK's preprocess itself for each rebound layer piece, under this context.
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ class ReuseCounts:
 
 
 @contextmanager
-def reuse_lowered_layers(on_delegate: Callable[[], None] = lambda: None) -> Iterator[ReuseCounts]:
-    """While active, XNNPACK's preprocess reuses the transformed graph of any delegate graph seen before;
-    `on_delegate` is called after each delegate (progress). ExecuTorch finds backends by class name and offers no
-    hook, so its preprocess and the pass manager it calls are swapped for the duration."""
+def reuse_lowered_layers() -> Iterator[ReuseCounts]:
+    """While active, XNNPACK's preprocess reuses the transformed graph of any delegate graph seen before.
+    ExecuTorch finds backends by class name and offers no hook, so its preprocess and the pass manager it calls
+    are swapped for the duration."""
     from executorch.backends.xnnpack import xnnpack_preprocess
 
     backend = xnnpack_preprocess.XnnpackBackend
@@ -64,7 +65,6 @@ def reuse_lowered_layers(on_delegate: Callable[[], None] = lambda: None) -> Iter
             xnnpack_preprocess.XNNPACKPassManager = pass_manager
         if recorded and key not in counts.signatures:
             counts.signatures[key] = reusable(program, recorded[0])
-        on_delegate()
         return result
 
     backend.preprocess = staticmethod(preprocess)
