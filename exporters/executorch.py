@@ -10,9 +10,9 @@ with the metadata methods ExecuTorch's own LLM runners read (BOS/EOS ids, max le
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgepack.exporters.xnnpack_reuse import weight_tensor
+
 
 class Delegated(nn.Module):
     """A lowered piece in the program: its delegate, called with the piece's inputs and the weights the delegate
@@ -78,7 +80,7 @@ class PieceLowerer:
             kind = self._lower(piece, inputs, token_dims)
             self.kinds.setdefault(key, kind)
             self.lowered += 1
-            lowered, weights = kind.lowered, lambda name: _tensor(kind.program, name)
+            lowered, weights = kind.lowered, lambda name: weight_tensor(kind.program, name)
         else:
             lowered, weights = self._rebind(kind, piece), lambda name: _piece_tensor(piece, name, kind.program)
             self.rebound += 1
@@ -141,11 +143,7 @@ def _weights(kind: _Kind) -> list[tuple[str, torch.Tensor]]:
     """Every weight the kind's delegate holds (its program's) or takes per call (the piece program's)."""
     original = kind.lowered.original_module
     return [*original.state_dict.items(), *original.constants.items(),
-            *((a, _tensor(kind.program, a)) for a in kind.arguments if isinstance(a, str))]
-
-
-def _tensor(program: Any, name: str) -> torch.Tensor:
-    return program.state_dict[name] if name in program.state_dict else program.constants[name]
+            *((a, weight_tensor(kind.program, a)) for a in kind.arguments if isinstance(a, str))]
 
 
 def _attribute(piece: nn.Module, name: str) -> torch.Tensor | None:
@@ -160,7 +158,7 @@ def _attribute(piece: nn.Module, name: str) -> torch.Tensor | None:
 
 def _piece_tensor(piece: nn.Module, name: str, fallback: Any) -> torch.Tensor:
     own = _attribute(piece, name)
-    return own if own is not None else _tensor(fallback, name)
+    return own if own is not None else weight_tensor(fallback, name)
 
 
 def _is_own(piece: nn.Module, name: str, tensor: torch.Tensor) -> bool:

@@ -136,7 +136,8 @@ def _weight_names(program: Any) -> list[str]:
     return [by_input[node.name] for node in program.graph.nodes if node.op == "placeholder" and node.name in by_input]
 
 
-def _tensor(program: Any, name: str) -> Any:
+def weight_tensor(program: Any, name: str) -> Any:
+    """A program's weight by its state-dict or constant name."""
     return program.state_dict[name] if name in program.state_dict else program.constants[name]
 
 
@@ -149,7 +150,7 @@ def reusable(original: Any, transformed: Any) -> Transformed | None:
         return None
     if any(node.op == "get_attr" for node in transformed.graph.nodes):
         return None
-    if any(_tensor(transformed, name) is not _tensor(original, name) for name in after):
+    if any(weight_tensor(transformed, name) is not weight_tensor(original, name) for name in after):
         return None
     return Transformed(transformed, names, _handles(original),
                        {node: node.meta.get("debug_handle") for node in transformed.graph.nodes})
@@ -163,8 +164,8 @@ def with_weights_of(seen: Transformed, program: Any) -> Any:
     """`seen`'s transformed program over `program`'s weights (matched by placeholder position) and with its
     nodes' debug handles."""
     renamed = dict(zip(seen.weight_names, _weight_names(program)))
-    state_dict = {name: _tensor(program, renamed[name]) for name in seen.program.state_dict if name in renamed}
-    constants = {name: _tensor(program, renamed[name]) for name in seen.program.constants if name in renamed}
+    state_dict = {name: weight_tensor(program, renamed[name]) for name in seen.program.state_dict if name in renamed}
+    constants = {name: weight_tensor(program, renamed[name]) for name in seen.program.constants if name in renamed}
     # Debug handles tie the delegate's operators to the program's nodes (ExecuTorch's profiler): this program's own.
     handles = dict(zip(seen.handles, _handles(program)))
     for node, handle in seen.transformed_handles.items():
