@@ -20,22 +20,34 @@ from edgepack.errors import EdgepackError
 from edgepack.output import Output
 
 
+# Set by the SIGTERM handler: an interrupt that C code turned into another error (e.g. torch building a tensor
+# when the signal lands gives "could not determine the shape of object type ...") still exits as interrupted.
+_SIGNALLED: list[int] = []
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     import functools
+
+    def interrupted() -> None:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            interrupted()
         except EdgepackError as e:
+            if _SIGNALLED:
+                interrupted()
             click.echo(f"error: {e.one_line()}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
         except (click.ClickException, click.exceptions.Exit, SystemExit):
             raise
         except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if _SIGNALLED:
+                interrupted()
             if os.environ.get("EDGEPACK_DEBUG"):
                 raise
             click.echo(f"error: internal error {type(e).__name__}: {e} (rerun with EDGEPACK_DEBUG=1)", err=True)
@@ -187,8 +199,9 @@ def _sigterm_as_interrupt() -> None:
     import signal
     import threading
 
-    def interrupt(_signum: int, _frame: Any) -> None:
+    def interrupt(signum: int, _frame: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _SIGNALLED.append(signum)
         raise KeyboardInterrupt
 
     if threading.current_thread() is threading.main_thread():  # signals can only be handled there

@@ -455,10 +455,10 @@ def verify_bundle(
     gc.collect()
 
     fidelity, fidelity_limits, fidelity_failures = None, None, []
-    same = _same_weights_session(student, manifest, same_weights)
-    unquantized = same is None
-    if same is not None:
+    unquantized = not _preset(manifest).quantized
+    if not unquantized:
         step(f"fidelity: the same quantized weights in edgepack's torch model ({eval_tokens} tokens)")
+        same = _same_weights_session(student, manifest, same_weights)
         fidelity = teacher_forcing(same, bundle_scores, ids, window=window)
         same = None
         fidelity_limits = fidelity_thresholds(*ran.split("/", 1))
@@ -568,18 +568,24 @@ def _same_weights_session(student: "Student", manifest: Mapping[str, Any],
                           load: Callable[[], Any] | None = None) -> "Session | None":
     """The project's torch model on the bundle's own quantized weights (as the export built them: `load` reads
     the export's own, else they are built again), or None for an unquantized bundle (its reference is fp32)."""
-    from edgepack.presets import get_preset
-    from edgepack.quantize import build_quantized
+    from edgepack.quantize import build_quantized, decoded_for_scoring
 
-    quant = manifest["quantization"]
-    preset = get_preset(quant["name"]).with_group_size(quant.get("group_size"))
+    preset = _preset(manifest)
     if not preset.quantized:
         return None
     if load is not None:
         model = load()
     else:
         model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
-    return _reference_session(student, manifest, model)
+    return _reference_session(student, manifest, decoded_for_scoring(model))
+
+
+def _preset(manifest: Mapping[str, Any]) -> Any:
+    """The bundle's quantization preset, as its manifest records it."""
+    from edgepack.presets import get_preset
+
+    quant = manifest["quantization"]
+    return get_preset(quant["name"]).with_group_size(quant.get("group_size"))
 
 
 def _reference_session(student: "Student", manifest: Mapping[str, Any], model: Any = None) -> "Session":

@@ -284,6 +284,26 @@ def test_sigterm_exits_cleanly_and_removes_the_staging_folder(tmp_path: Path, ti
     assert not staging.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_a_sigterm_that_c_code_turned_into_another_error_still_exits_as_interrupted(monkeypatch, capsys) -> None:
+    """SIGTERM raises KeyboardInterrupt in the handler; landing inside torch's C code it can come out as another
+    error (seen here: "could not determine the shape of object type 'torch.storage.UntypedStorage'"). The CLI
+    knows a signal arrived and exits as interrupted, not with an internal error."""
+    from edgepack import cli as cli_module
+
+    @cli_module._handle_errors
+    def command() -> None:
+        raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    with pytest.raises(SystemExit) as exited:
+        command()
+    assert exited.value.code == 1  # without a signal: an internal error
+    monkeypatch.setattr(cli_module, "_SIGNALLED", [signal.SIGTERM])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        command()
+    assert exited.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_sigkill_leftovers_are_removed_by_the_next_export(tmp_path: Path, tiny_model: Path) -> None:
     proc, staging = _start_export(tiny_model, tmp_path / "b")
     proc.kill()

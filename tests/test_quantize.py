@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from edgepack.quantize import (
-    BlockOffsetLinear, apply_preset, get_preset, park_quantized, piece_quantizer, smooth_output_layer,
+    BlockOffsetLinear, apply_preset, decoded_for_scoring, get_preset, park_quantized, piece_quantizer,
+    smooth_output_layer,
 )
 from edgepack.runtime import TorchDecoder
 
@@ -18,6 +19,12 @@ from test_blocks import synthetic_blocks
 
 def logits(model, tokens):
     return TorchDecoder(copy.deepcopy(model)).forward(tokens, 0)
+
+
+def int4_over_q4_1(model):
+    """A copy of `model` at the int4 preset over Q4_1 blocks made from its weights (carried blocks, torchao's
+    tensors and the offset linears all in one model)."""
+    return apply_preset(copy.deepcopy(model), get_preset("int4"), synthetic_blocks(model, "Q4_1"))
 
 
 def test_output_layer_smoothing_keeps_the_float_math():
@@ -111,7 +118,7 @@ def test_parked_quantized_model_reads_back_the_same_weights(tmp_path):
     exactly what it computed, carried Q4_1 blocks and torchao tensors included, so the gate need not quantize
     the student a second time."""
     model = random_model(tiny_config(), max_context=32)
-    quantized = apply_preset(copy.deepcopy(model), get_preset("int4"), synthetic_blocks(model, "Q4_1"))
+    quantized = int4_over_q4_1(model)
     tokens = torch.randint(0, 320, (1, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = quantized(tokens, torch.tensor([0]))
@@ -120,6 +127,56 @@ def test_parked_quantized_model_reads_back_the_same_weights(tmp_path):
         actual = loaded(tokens, torch.tensor([0]))
     assert isinstance(loaded.model.layers[0].mlp.up_proj, BlockOffsetLinear)
     assert torch.equal(actual, expected)
+
+
+def test_hqq_by_row_blocks_equals_torchaos_hqq_on_the_whole_tensor(monkeypatch):
+    """4-bit weights are rounded by torchao's HQQ one block of rows at a time (`hqq_weight`, 10-25x faster on big
+    tables): the same codes and scales as torchao's own config over the whole tensor, for a linear and a table."""
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import (
+        Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_,
+    )
+
+    import edgepack.quantize as quantize
+
+    monkeypatch.setattr(quantize, "HQQ_BLOCK_WEIGHTS", 64 * 96)  # several blocks of rows in a small matrix
+    torch.manual_seed(0)
+    for module, config, recipe, group in (
+        (torch.nn.Linear(96, 200), Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4, weight_granularity=PerGroup(32), intx_choose_qparams_algorithm="hqq_scale_only"),
+         "8da4w", 32),
+        (torch.nn.Embedding(300, 128), IntxWeightOnlyConfig(
+            weight_dtype=torch.int4, granularity=PerGroup(64), intx_choose_qparams_algorithm="hqq_scale_only"),
+         "4w", 64),
+    ):
+        theirs, ours = copy.deepcopy(module), copy.deepcopy(module)
+        quantize_(theirs, config, filter_fn=lambda m, _fqn: True)
+        quantize.quantize_modules(ours, recipe, group, lambda m, _fqn: True)
+        assert torch.equal(ours.weight.qdata, theirs.weight.qdata)
+        assert torch.equal(ours.weight.scale, theirs.weight.scale)
+        assert ours.weight.activation_quantization == theirs.weight.activation_quantization
+        assert torch.equal(ours.weight.dequantize(), theirs.weight.dequantize())
+
+
+def test_decoded_for_scoring_computes_exactly_what_torchao_computes():
+    """The gate decodes its same-weights model's int weights once (`decoded_for_scoring`): every linear still rounds
+    its input per token, so the logits are the very ones torchao gives, bit for bit, and no torchao tensor is left."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+
+    model = random_model(tiny_config(), max_context=32)
+    quantized = int4_over_q4_1(model)
+    tokens = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected = logits(quantized, tokens.numpy())
+    decoded = decoded_for_scoring(quantized)
+    actual = logits(decoded, tokens.numpy())
+    assert not any(isinstance(p, IntxUnpackedToInt8Tensor) for p in decoded.parameters())
+    assert np.array_equal(actual, expected)
+    # Without the per-token rounding of the inputs the logits would differ: the test sees the rounding.
+    unrounded = int4_over_q4_1(model)
+    for module in unrounded.modules():
+        if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor):
+            module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
+    assert not np.array_equal(logits(unrounded, tokens.numpy()), expected)
 
 
 def test_int4_keeps_5_to_8_bit_gguf_linears_at_8_bits(tmp_path):
