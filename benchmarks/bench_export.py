@@ -197,7 +197,13 @@ def main() -> int:
         print(json.dumps(run_export(None if source == "-" else source, backend, Path(out), args.timeout)))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
+    report = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "rows": rows}
+
+    def save(report: dict[str, Any]) -> None:
+        if args.out:
+            args.out.write_text(json.dumps(report, indent=2))
+
     for spec in args.model or ["default"]:
         label, source = resolve_model(spec, args.work)
         for backend in args.backend.split(","):
@@ -207,12 +213,12 @@ def main() -> int:
                                    "--timeout", str(args.timeout)], capture_output=True, text=True)
             row = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else {"status": done.stderr[-200:]}
             rows.append({"model": label, "backend": BACKENDS[backend][1], **row})
+            print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            save(report)  # row by row: a long run stopped midway keeps what it measured
         if spec not in SHAPES:
             genai = args.genai / f"genai-{spec.partition('=')[0]}" if args.genai else None
             rows += [{"model": label, **anchor, "status": "anchor"} for anchor in anchor_figures(source, genai_dir=genai)]
-    report = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0], "rows": rows}
-    if args.out:
-        args.out.write_text(json.dumps(report, indent=2))
+            save(report)
     print(json.dumps(report, indent=2) if args.json else table(rows))
     return 0
 
