@@ -1,4 +1,4 @@
-"""Quantization presets: a name maps to a full recipe, as data; `apply_preset` runs it with torchao.
+"""Quantization presets: a name maps to a full recipe, as data; `apply_preset` runs it with torchao (its tensors, its HQQ).
 
 Why torchao: its tensor subclasses export to the dynamic-quantize / dequantize patterns that ExecuTorch's
 XNNPACK partitioner turns into its int4/int8 kernels, so the recipe here is exactly what the device runs.
@@ -49,22 +49,6 @@ RECIPE_BITS = {"8da4w": torch.int4, "8da8w": torch.int8, "4w": torch.int4, "8w":
 HQQ_BLOCK_WEIGHTS = 1 << 19
 
 
-def _torchao_config(recipe: str, group_size: int) -> Any:
-    """The torchao config of an 8-bit recipe. Its scales are absmax ("affine", symmetric): HQQ's search at 8 bits
-    was slower and no better (eager, 1024 tokens against fp32: default model 92.6% / KL 0.0120 with HQQ, 93.5% /
-    0.0114 absmax; Qwen2.5-Coder-0.5B 95.6% / 0.0049 and 96.1% / 0.0054; its quantize 104 -> 55 s)."""
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
-
-    assert RECIPE_BITS[recipe] == torch.int8, "4-bit recipes go through `hqq_weight`"
-    granularity = PerGroup(group_size) if group_size else PerAxis(0)
-    if recipe.startswith("8da"):
-        return Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int8, weight_granularity=granularity, intx_choose_qparams_algorithm="affine"
-        )
-    return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=granularity, intx_choose_qparams_algorithm="affine")
-
-
 def _intx_weight(codes: torch.Tensor, scales: torch.Tensor, bits: torch.dtype, group: int,
                  per_token_activations: bool, dtype: torch.dtype = torch.float32) -> nn.Parameter:
     """torchao's weight tensor over existing codes (int8 storage) and one scale per `group` inputs of a row: the
@@ -112,12 +96,8 @@ def hqq_weight(weight: torch.Tensor, bits: torch.dtype, group: int, per_token_ac
 
 def quantize_modules(piece: nn.Module, recipe: str, group: int, pick: Callable[[nn.Module, str], bool]) -> None:
     """Apply `recipe` (group 0: one scale per row) to the linears and tables of `piece` that `pick(module, name)`
-    chooses (names relative to `piece`, "" for itself): 8-bit by torchao's absmax rounding, 4-bit by HQQ."""
-    from torchao.quantization.quant_api import quantize_
-
-    if RECIPE_BITS[recipe] == torch.int8:
-        quantize_(piece, _torchao_config(recipe, group), filter_fn=pick)
-        return
+    chooses (names relative to `piece`, "" for itself), by HQQ (`hqq_weight`). At 8 bits absmax scales were tried
+    too: better on the default model, worse on Qwen2.5-Coder-0.5B's XNNPACK bundle (NOTES.md, issue #11)."""
     for name, module in list(piece.named_modules()):
         if isinstance(module, (nn.Linear, nn.Embedding)) and pick(module, name):
             module.weight = hqq_weight(module.weight, RECIPE_BITS[recipe], group or module.weight.shape[1],
@@ -469,29 +449,15 @@ def park_quantized(model: nn.Module, folder: Path) -> Callable[[], nn.Module]:
 
 
 def decoded_for_scoring(model: nn.Module) -> nn.Module:
-    """The quantized model with every torchao int weight decoded to float once, in place: the same math (each
-    linear still rounds its input per token to int8 first, with torchao's own function), without torchao
-    decoding each weight again on every call (the embedding table whole). The gate scores its same-weights
-    model over 1024 tokens: 2.5x faster on the default model, at the cost of holding the weights in float."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import (
-        IntxUnpackedToInt8Tensor,
-        IntxUnpackedToInt8TensorActivationQuantization,
-        _apply_int8_act_asym_per_token_quant_dequant,
-    )
-
-    def round_input(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        return (_apply_int8_act_asym_per_token_quant_dequant(inputs[0]), *inputs[1:])
+    """The quantized model with its int embedding table decoded to float once, in place: torchao decodes the whole
+    table on every call (the gate's 1024-token score of the default model: 9 calls over 49152 x 576). Linears
+    stay torchao's, decoded a weight at a time per call: decoding them all once was 2x faster again but held the
+    whole model in float through the gate (6.2 GB at 1.5B: Core ML's export then peaked at 18.0 GB, over 16)."""
+    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, IntxUnpackedToInt8Tensor):
-            continue
-        if weight.activation_quantization is not None:
-            if (not isinstance(module, nn.Linear) or weight.activation_quantization
-                    != IntxUnpackedToInt8TensorActivationQuantization.INT8_ASYM_PER_TOKEN):
-                raise TypeError(f"{type(module).__name__} with {weight.activation_quantization}: not decoded here")
-            module.register_forward_pre_hook(round_input)
-        module.weight = nn.Parameter(weight.dequantize(), requires_grad=False)
+        if isinstance(module, nn.Embedding) and isinstance(module.weight, IntxUnpackedToInt8Tensor):
+            module.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
     return model
 
 

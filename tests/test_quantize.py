@@ -130,9 +130,9 @@ def test_parked_quantized_model_reads_back_the_same_weights(tmp_path):
 
 
 def test_hqq_by_row_blocks_equals_torchaos_hqq_on_the_whole_tensor(monkeypatch):
-    """4-bit weights are rounded by torchao's HQQ one block of rows at a time (`hqq_weight`, 10-25x faster on big
-    tables): the same codes and scales as torchao's own config over the whole tensor, for a linear and a table."""
-    from torchao.quantization.granularity import PerGroup
+    """Weights are rounded by torchao's HQQ one block of rows at a time (`hqq_weight`, 10-27x faster on big tables):
+    the same codes and scales as torchao's own config over the whole tensor, for linears and tables, 4 and 8 bits."""
+    from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import (
         Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_,
     )
@@ -148,6 +148,12 @@ def test_hqq_by_row_blocks_equals_torchaos_hqq_on_the_whole_tensor(monkeypatch):
         (torch.nn.Embedding(300, 128), IntxWeightOnlyConfig(
             weight_dtype=torch.int4, granularity=PerGroup(64), intx_choose_qparams_algorithm="hqq_scale_only"),
          "4w", 64),
+        (torch.nn.Linear(96, 200), Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int8, weight_granularity=PerAxis(0), intx_choose_qparams_algorithm="hqq_scale_only"),
+         "8da8w", 0),
+        (torch.nn.Embedding(300, 128), IntxWeightOnlyConfig(
+            weight_dtype=torch.int8, granularity=PerAxis(0), intx_choose_qparams_algorithm="hqq_scale_only"),
+         "8w", 0),
     ):
         theirs, ours = copy.deepcopy(module), copy.deepcopy(module)
         quantize_(theirs, config, filter_fn=lambda m, _fqn: True)
@@ -159,24 +165,19 @@ def test_hqq_by_row_blocks_equals_torchaos_hqq_on_the_whole_tensor(monkeypatch):
 
 
 def test_decoded_for_scoring_computes_exactly_what_torchao_computes():
-    """The gate decodes its same-weights model's int weights once (`decoded_for_scoring`): every linear still rounds
-    its input per token, so the logits are the very ones torchao gives, bit for bit, and no torchao tensor is left."""
+    """The gate decodes its same-weights model's int table once (`decoded_for_scoring`): the logits are the very
+    ones torchao gives, bit for bit; the linears keep torchao's tensors (their per-token input rounding)."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     model = random_model(tiny_config(), max_context=32)
     quantized = int4_over_q4_1(model)
-    tokens = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(1))
-    expected = logits(quantized, tokens.numpy())
+    tokens = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(1)).numpy()
+    expected = logits(quantized, tokens)
+    assert isinstance(quantized.model.embed_tokens.weight, IntxUnpackedToInt8Tensor)
     decoded = decoded_for_scoring(quantized)
-    actual = logits(decoded, tokens.numpy())
-    assert not any(isinstance(p, IntxUnpackedToInt8Tensor) for p in decoded.parameters())
-    assert np.array_equal(actual, expected)
-    # Without the per-token rounding of the inputs the logits would differ: the test sees the rounding.
-    unrounded = int4_over_q4_1(model)
-    for module in unrounded.modules():
-        if isinstance(getattr(module, "weight", None), IntxUnpackedToInt8Tensor):
-            module.weight = torch.nn.Parameter(module.weight.dequantize(), requires_grad=False)
-    assert not np.array_equal(logits(unrounded, tokens.numpy()), expected)
+    assert not isinstance(decoded.model.embed_tokens.weight, IntxUnpackedToInt8Tensor)
+    assert isinstance(decoded.model.layers[0].self_attn.q_proj.main.weight, IntxUnpackedToInt8Tensor)
+    assert np.array_equal(logits(decoded, tokens), expected)
 
 
 def test_int4_keeps_5_to_8_bit_gguf_linears_at_8_bits(tmp_path):
