@@ -1,4 +1,4 @@
-"""Quantization presets: a name maps to a full recipe, as data; `apply_preset` runs it with torchao (its tensors, its HQQ).
+"""Quantization presets: a name maps to a full recipe, as data; `apply_preset` runs it with torchao.
 
 Why torchao: its tensor subclasses export to the dynamic-quantize / dequantize patterns that ExecuTorch's
 XNNPACK partitioner turns into its int4/int8 kernels, so the recipe here is exactly what the device runs.
