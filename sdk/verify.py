@@ -455,10 +455,11 @@ def verify_bundle(
     gc.collect()
 
     fidelity, fidelity_limits, fidelity_failures = None, None, []
-    unquantized = not _preset(manifest).quantized
+    quantization = _preset(manifest)
+    unquantized = not quantization.quantized  # its reference is fp32: no same-weights model to compare with
     if not unquantized:
         step(f"fidelity: the same quantized weights in edgepack's torch model ({eval_tokens} tokens)")
-        same = _same_weights_session(student, manifest, same_weights)
+        same = _same_weights_session(student, manifest, quantization, same_weights)
         fidelity = teacher_forcing(same, bundle_scores, ids, window=window)
         same = None
         fidelity_limits = fidelity_thresholds(*ran.split("/", 1))
@@ -564,15 +565,12 @@ def _check_same_model(student: "Student", manifest: Mapping[str, Any]) -> None:
         )
 
 
-def _same_weights_session(student: "Student", manifest: Mapping[str, Any],
-                          load: Callable[[], Any] | None = None) -> "Session | None":
+def _same_weights_session(student: "Student", manifest: Mapping[str, Any], preset: Any,
+                          load: Callable[[], Any] | None = None) -> "Session":
     """The project's torch model on the bundle's own quantized weights (as the export built them: `load` reads
-    the export's own, else they are built again), or None for an unquantized bundle (its reference is fp32)."""
+    the export's own, else they are built again by `preset`)."""
     from edgepack.quantize import build_quantized, decoded_for_scoring
 
-    preset = _preset(manifest)
-    if not preset.quantized:
-        return None
     if load is not None:
         model = load()
     else:

@@ -141,20 +141,19 @@ def test_hqq_by_row_blocks_equals_torchaos_hqq_on_the_whole_tensor(monkeypatch):
 
     monkeypatch.setattr(quantize, "HQQ_BLOCK_WEIGHTS", 64 * 96)  # several blocks of rows in a small matrix
     torch.manual_seed(0)
-    for module, config, recipe, group in (
-        (torch.nn.Linear(96, 200), Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int4, weight_granularity=PerGroup(32), intx_choose_qparams_algorithm="hqq_scale_only"),
-         "8da4w", 32),
-        (torch.nn.Embedding(300, 128), IntxWeightOnlyConfig(
-            weight_dtype=torch.int4, granularity=PerGroup(64), intx_choose_qparams_algorithm="hqq_scale_only"),
-         "4w", 64),
-        (torch.nn.Linear(96, 200), Int8DynamicActivationIntxWeightConfig(
-            weight_dtype=torch.int8, weight_granularity=PerAxis(0), intx_choose_qparams_algorithm="hqq_scale_only"),
-         "8da8w", 0),
-        (torch.nn.Embedding(300, 128), IntxWeightOnlyConfig(
-            weight_dtype=torch.int8, granularity=PerAxis(0), intx_choose_qparams_algorithm="hqq_scale_only"),
-         "8w", 0),
+    for module, recipe, group, bits in (
+        (torch.nn.Linear(96, 200), "8da4w", 32, torch.int4),
+        (torch.nn.Embedding(300, 128), "4w", 64, torch.int4),
+        (torch.nn.Linear(96, 200), "8da8w", 0, torch.int8),
+        (torch.nn.Embedding(300, 128), "8w", 0, torch.int8),
     ):
+        granularity = PerGroup(group) if group else PerAxis(0)
+        if recipe.startswith("8da"):
+            config = Int8DynamicActivationIntxWeightConfig(
+                weight_dtype=bits, weight_granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only")
+        else:
+            config = IntxWeightOnlyConfig(
+                weight_dtype=bits, granularity=granularity, intx_choose_qparams_algorithm="hqq_scale_only")
         theirs, ours = copy.deepcopy(module), copy.deepcopy(module)
         quantize_(theirs, config, filter_fn=lambda m, _fqn: True)
         quantize.quantize_modules(ours, recipe, group, lambda m, _fqn: True)
