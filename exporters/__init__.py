@@ -45,6 +45,9 @@ class ExportRequest:
     # `ternary` preset stores as they are.
     ternary_blocks: "Mapping[str, TernaryBlocks]" = field(default_factory=dict)
     model_name: str | None = None  # the Hub id when known, else the student's name (package metadata)
+    # Token ids of held-out real text where the exporter calibrates what the runtime rounds (the preset's
+    # `activation_ranges`); never the evaluation text.
+    calibration_ids: list[int] = field(default_factory=list)
 
 
 Exporter = Callable[[ExportRequest], dict[str, Any]]
@@ -72,17 +75,20 @@ _PREFLIGHT: dict[str, Preflight] = {}
 _EXTRA_BYTES: dict[str, ExtraBytes] = {}
 _QUANTIZES: set[str] = set()
 _ONE_TIED_TABLE: set[str] = set()
+_ACTIVATION_RANGES: set[str] = set()
 
 
 def register_exporter(
     name: str, *, quantizes: bool = False, preflight: Preflight | None = None, one_tied_table: bool = False,
     extra_bundle_bytes: ExtraBytes | None = None, context_limit: ContextLimit | None = None,
     same_weights: SameWeights | None = None, weight_bytes: WeightBytes | None = None,
+    activation_ranges: bool = False,
 ) -> Callable[[Exporter], Exporter]:
     """`quantizes`: the exporter applies the preset itself (gets the fp32 model); `preflight`: cheap checks;
     `one_tied_table`: it stores a tied embedding and output layer as one table, so the output layer must
     stay equal to the embedding (no smoothing of the output layer); `extra_bundle_bytes`: see ExtraBytes; `context_limit`: see ContextLimit;
-    `same_weights`: see SameWeights; `weight_bytes`: see WeightBytes."""
+    `same_weights`: see SameWeights; `weight_bytes`: see WeightBytes; `activation_ranges`: it honours the preset's
+    `activation_ranges` (it lowers to kernels that round int8 activations per token)."""
 
     def wrap(fn: Exporter) -> Exporter:
         if name in _EXPORTERS:
@@ -92,6 +98,8 @@ def register_exporter(
             _QUANTIZES.add(name)
         if one_tied_table:
             _ONE_TIED_TABLE.add(name)
+        if activation_ranges:
+            _ACTIVATION_RANGES.add(name)
         if preflight:
             _PREFLIGHT[name] = preflight
         if extra_bundle_bytes:
@@ -110,6 +118,11 @@ def register_exporter(
 def exporter_keeps_one_tied_table(name: str) -> bool:
     _import_builtin_exporters()
     return name in _ONE_TIED_TABLE
+
+
+def takes_activation_ranges(name: str) -> bool:
+    _import_builtin_exporters()
+    return name in _ACTIVATION_RANGES
 
 
 def exporter_quantizes(name: str) -> bool:

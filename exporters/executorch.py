@@ -24,6 +24,7 @@ from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.xnnpack_pieces import PieceLowerer
 from edgepack.exporters.xnnpack_reuse import reuse_lowered_layers
+from edgepack.exporters.xnnpack_ranges import Limits, SummedHalves, TwoRanges, input_limits
 from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, through
 from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
@@ -59,13 +60,14 @@ class AttentionInputs(nn.Module):
 
     TOKEN_DIMS = (0, 0, 0)  # x [T, hidden], cos, sin [T, 1, D]
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, limits: Limits) -> None:
         super().__init__()
         attn = layer.self_attn
         rounded = attn.int8_inputs is not None
         self.norm = XnnpackRMSNorm(layer.input_layernorm)
-        self.q_proj, self.k_proj, self.v_proj = (xnnpack_linear(p, rounded) for p in (attn.q_proj, attn.k_proj,
-                                                                                     attn.v_proj))
+        self.split = two_ranges(limits, attn.q_proj)
+        self.q_proj, self.k_proj, self.v_proj = (summed(xnnpack_linear(p, rounded), self.split)
+                                                 for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         dtype = attn.kv_cache.k.dtype  # the model's float dtype
         self.register_buffer("rotate_half", rotate_half_matrix(attn.head_dim).to(dtype), persistent=False)
@@ -73,7 +75,7 @@ class AttentionInputs(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
         d = self.head_dim
-        x = through(self.int8_inputs, self.norm(x))
+        x = through(self.split, through(self.int8_inputs, self.norm(x)))
         q = self.q_proj(x).view(1, -1, self.num_heads, d)
         k = self.k_proj(x).view(1, -1, self.num_kv_heads, d)
         v = self.v_proj(x).view(1, -1, self.num_kv_heads, d)
@@ -103,13 +105,14 @@ class LayerOutput(nn.Module):
 
     TOKEN_DIMS = (1, 0)  # attention output [1, T, heads, D], x [T, hidden]
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, limits: Limits) -> None:
         super().__init__()
         attn = layer.self_attn
         self.width = attn.num_heads * attn.head_dim
-        self.o_proj = xnnpack_linear(attn.o_proj, attn.int8_inputs is not None)
+        self.split = two_ranges(limits, attn.o_proj)
+        self.o_proj = summed(xnnpack_linear(attn.o_proj, attn.int8_inputs is not None), self.split)
         self.post_attention_layernorm = XnnpackRMSNorm(layer.post_attention_layernorm)
-        self.mlp = XnnpackMLP(layer.mlp)
+        self.mlp = XnnpackMLP(layer.mlp, limits)
         # BitNet only (None for Llama/Qwen2, whose graph stays as it was): the sub-norm before o_proj and the int8
         # rounding of its input.
         self.attn_sub_norm = _optional(XnnpackRMSNorm, attn.attn_sub_norm)
@@ -117,7 +120,7 @@ class LayerOutput(nn.Module):
 
     def forward(self, attention: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = through(self.attn_sub_norm, attention.view(-1, self.width))
-        x = x + self.o_proj(through(self.int8_inputs, out))
+        x = x + self.o_proj(through(self.split, through(self.int8_inputs, out)))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -127,9 +130,9 @@ class LayerJoin(nn.Module):
 
     TOKEN_DIMS = (1, 0, 0, 0)
 
-    def __init__(self, layer: nn.Module, following: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, following: nn.Module, limits: Limits) -> None:
         super().__init__()
-        self.output, self.inputs = LayerOutput(layer), AttentionInputs(following)
+        self.output, self.inputs = LayerOutput(layer, limits), AttentionInputs(following, limits)
 
     def forward(self, attention: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -160,13 +163,14 @@ class OutputHead(nn.Module):
 
     TOKEN_DIMS = (None,)  # x [1, hidden]
 
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, limits: Limits) -> None:
         super().__init__()
         self.norm = XnnpackRMSNorm(model.model.norm)
-        self.lm_head = xnnpack_linear(model.lm_head)
+        self.split = two_ranges(limits, model.model.norm)
+        self.lm_head = summed(xnnpack_linear(model.lm_head), self.split)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(x))
+        return self.lm_head(through(self.split, self.norm(x)))
 
 
 def rotate_half_matrix(dim: int) -> torch.Tensor:
@@ -333,23 +337,40 @@ def xnnpack_linear(linear: nn.Module, int8_input: bool = False) -> nn.Module:
     return linear
 
 
+def two_ranges(limits: Limits, reader: nn.Module) -> TwoRanges | None:
+    """The split of the input `reader` reads (`xnnpack_ranges`), where one was calibrated."""
+    limit = limits.get(reader)
+    return None if limit is None else TwoRanges(limit)
+
+
+def summed(form: nn.Module, split: TwoRanges | None) -> nn.Module:
+    """`form` over a split input: its output halves summed, its bias (taken off the form) added once."""
+    if split is None:
+        return form
+    inner = form.main if isinstance(form, XnnpackBlockOffsetLinear) else form
+    bias, inner.bias = inner.bias, None
+    return SummedHalves(form, bias)
+
+
 class XnnpackMLP(nn.Module):
     """The gated MLP; for BitNet also its squared-ReLU gate, the sub-norm before down_proj and the int8 rounding of
     the projections' inputs (absent for Llama/Qwen2: their graph is unchanged)."""
 
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, limits: Limits) -> None:
         super().__init__()
         rounded = mlp.int8_inputs is not None
-        self.gate_proj, self.up_proj = xnnpack_linear(mlp.gate_proj, rounded), xnnpack_linear(mlp.up_proj, rounded)
-        self.down_proj = xnnpack_linear(mlp.down_proj, rounded)
+        self.split, self.down_split = two_ranges(limits, mlp.gate_proj), two_ranges(limits, mlp.down_proj)
+        self.gate_proj = summed(xnnpack_linear(mlp.gate_proj, rounded), self.split)
+        self.up_proj = summed(xnnpack_linear(mlp.up_proj, rounded), self.split)
+        self.down_proj = summed(xnnpack_linear(mlp.down_proj, rounded), self.down_split)
         self.act = XNNPACK_ACTIVATIONS[mlp.act]
         self.ffn_sub_norm = _optional(XnnpackRMSNorm, mlp.ffn_sub_norm)
         self.int8_inputs = _optional(XnnpackInt8Activations, mlp.int8_inputs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = through(self.int8_inputs, x)
+        x = through(self.split, through(self.int8_inputs, x))
         hidden = through(self.ffn_sub_norm, self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(through(self.int8_inputs, hidden))
+        return self.down_proj(through(self.down_split, through(self.int8_inputs, hidden)))
 
 
 def relu_times_relu(x: torch.Tensor) -> torch.Tensor:
@@ -408,19 +429,20 @@ class XnnpackProgram(nn.Module):
 
     PIECES = ("rope", "first", "joins", "last", "head")
 
-    def __init__(self, model: CausalLM) -> None:
+    def __init__(self, model: CausalLM, limits: Limits | None = None) -> None:
         super().__init__()
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
 
+        limits = limits or {}
         layers = model.model.layers
         self.max_context = model.max_context
         self.embed_tokens = PackedEmbedding.from_torchao(model.model.embed_tokens) or model.model.embed_tokens
         self.rope = RopeTables(model.inv_freq, model.rope_dtype())
-        self.first = AttentionInputs(layers[0])
+        self.first = AttentionInputs(layers[0], limits)
         self.attention = nn.ModuleList(CachedAttention(layer.self_attn) for layer in layers)
-        self.joins = nn.ModuleList(LayerJoin(layer, following) for layer, following in zip(layers, layers[1:]))
-        self.last = LayerOutput(layers[-1])
-        self.head = OutputHead(model)
+        self.joins = nn.ModuleList(LayerJoin(layer, following, limits) for layer, following in zip(layers, layers[1:]))
+        self.last = LayerOutput(layers[-1], limits)
+        self.head = OutputHead(model, limits)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -486,10 +508,11 @@ class Metadata:
         }
 
 
-def lower_to_pte(model: CausalLM, meta: Metadata,
-                 step: Steps = SILENT) -> tuple[bytes, list[str]]:
+def lower_to_pte(model: CausalLM, meta: Metadata, step: Steps = SILENT,
+                 calibration_ids: list[int] | None = None) -> tuple[bytes, list[str]]:
     """Lower each XNNPACK piece, export the program around their delegates and serialize; returns the .pte
-    bytes and the operators it calls."""
+    bytes and the operators it calls. With `calibration_ids` (held-out text: the preset's `activation_ranges` is 2)
+    each int8-rounded input is rounded in two ranges (`xnnpack_ranges`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes import MemoryPlanningPass
@@ -502,7 +525,11 @@ def lower_to_pte(model: CausalLM, meta: Metadata,
             ops, _check = super().ops_to_not_decompose(program)
             return ops, None
 
-    program = XnnpackProgram(model)
+    limits = {}
+    if calibration_ids:
+        step("calibrate activation ranges")
+        limits = input_limits(model, calibration_ids)
+    program = XnnpackProgram(model, limits)
     config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
     pieces = PieceLowerer(meta.max_prefill, Partitioner, config, on_piece=step.advance)
     step("lower to XNNPACK", total=len(program.attention) + 3)  # rope, first, the joins, last, head
@@ -576,7 +603,7 @@ def _check_delegate(target: Any, delegate: str | None, preset: Any) -> None:
                             "use --quant int4, int8 or fp32 for executorch (fp16 is for --backend coreml or onnx)")
 
 
-@register_exporter("executorch", preflight=_check_delegate)
+@register_exporter("executorch", preflight=_check_delegate, activation_ranges=True)
 def export_executorch(request: ExportRequest) -> dict[str, Any]:
     """Write model.pte into the bundle; returns the manifest's `backend` section."""
     logging.getLogger("executorch").setLevel(logging.ERROR)
@@ -587,7 +614,8 @@ def export_executorch(request: ExportRequest) -> dict[str, Any]:
         max_prefill=request.max_prefill,
         vocab_size=request.model.config.vocab_size,
     )
-    pte, operators = lower_to_pte(request.model, meta, request.step)
+    pte, operators = lower_to_pte(request.model, meta, request.step, request.calibration_ids)
+    ranges = request.preset.activation_ranges if request.preset else 1
     Path(request.writer.path(PROGRAM_FILE)).write_bytes(pte)
     return {
         "name": "executorch",
@@ -596,6 +624,8 @@ def export_executorch(request: ExportRequest) -> dict[str, Any]:
         "method": "forward",
         "logits": "last",  # forward returns [1, vocab] for the last input position
         "max_prefill": request.max_prefill,
+        # int8 activation ranges per linear input (`xnnpack_ranges`): 2 doubles the rows each linear computes
+        **({"activation_ranges": ranges} if ranges > 1 else {}),
         # What an app links besides the ExecuTorch runtime and XNNPACK for this program's operators (a process
         # without them fails at method load with "Missing operator"): see `kernel_libraries`.
         "kernel_libraries": kernel_libraries(operators),

@@ -66,11 +66,14 @@ def plan_export(
     verify: bool = True,
     keep_failed: bool = False,
     force: bool = False,
+    *,
+    activation_ranges: int | None = None,
 ) -> ExportPlan:
-    from edgepack.exporters import known_exporters
+    from edgepack.exporters import known_exporters, takes_activation_ranges
 
     target = get_target(target_name)
     preset = get_preset(quant or target.default_quant).with_group_size(group_size)
+    preset = preset.with_activation_ranges(activation_ranges)
     if backend:
         name, _, delegate = backend.partition("/")
         if name not in known_exporters():
@@ -78,6 +81,11 @@ def plan_export(
         chosen = (name, delegate or _default_delegate(target, name))
     else:
         chosen = target.backend_choice(known_exporters())
+    if preset.activation_ranges > 1 and not takes_activation_ranges(chosen[0]):
+        takers = [name for name in known_exporters() if takes_activation_ranges(name)]
+        raise UsageError(f"--activation-ranges applies where int8 activations are rounded per token "
+                         f"({', '.join(takers)}), not to {'/'.join(filter(None, chosen))}",
+                         "leave --activation-ranges out (this backend rounds activations its own way)")
     if chosen[0] == "reference" and preset.quantized:
         raise UsageError("the reference backend runs unquantized weights only", "use --quant fp32 or fp16")
     context = max_context or target.default_context
@@ -147,6 +155,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT, student: Any = None, buil
     from edgepack.bundle import write_bundle
     from edgepack.exporters import ExportRequest, get_exporter
     from edgepack.intake import load_student
+    from edgepack.quantize import calibration_ids
     from edgepack.verify import VerificationFailed, gate_export
 
     started = time.perf_counter()
@@ -176,6 +185,7 @@ def run_export(plan: ExportPlan, step: Steps = SILENT, student: Any = None, buil
             gguf_blocks=student.gguf_blocks,
             ternary_blocks=student.ternary_blocks,
             model_name=student.name,
+            calibration_ids=calibration_ids(student) if plan.preset.activation_ranges > 1 else [],
         )
         backend_section = exporter(request)
         del request, model, built  # the gate below loads the fp32 reference: never both in memory

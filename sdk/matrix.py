@@ -104,7 +104,8 @@ def _strings(value: Any) -> bool:
 
 def plan_matrix(source: str | None, targets: Sequence[str], quants: Sequence[str], output: str | Path | None,
                 backend: str | None = None, max_context: int | None = None, group_size: int | None = None,
-                verify: bool = True, keep_failed: bool = False, force: bool = False) -> list[Cell]:
+                verify: bool = True, keep_failed: bool = False, force: bool = False, *,
+                activation_ranges: int | None = None) -> list[Cell]:
     """One cell per target x preset (`TARGET[:BACKEND]`; no preset: the target's default). Unknown names are a
     usage error for the whole matrix; a cell that cannot be planned (its output taken, it does not fit its
     device, a backend the target lacks) is a failed cell, the others go on."""
@@ -127,7 +128,8 @@ def plan_matrix(source: str | None, targets: Sequence[str], quants: Sequence[str
             seen.add(name)
             try:
                 plan = plan_export(source, target.name, quant, max_context, folder / name, own_backend or backend,
-                                   group_size, verify, keep_failed, force=force)
+                                   group_size, verify, keep_failed, force=force,
+                                   activation_ranges=activation_ranges)
                 cells.append(Cell(name, plan))
             except EdgepackError as e:
                 cells.append(Cell(name, error=e.one_line()))

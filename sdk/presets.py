@@ -25,6 +25,9 @@ class QuantPreset:
     # Exact weights of the student this preset stores as they are, never rounded: "ternary" = BitNet b1.58's
     # codes and scales (`Student.ternary_blocks`). A student without them cannot take the preset.
     carries: str | None = None
+    # Where a backend rounds each linear's input to int8 once per token (XNNPACK's dynamic int8 linears), 2 rounds
+    # the bulk of the values and the few large ones apart (`exporters/xnnpack_ranges.py`): closer to fp32, slower.
+    activation_ranges: int = 1
 
     def with_group_size(self, group_size: int | None) -> "QuantPreset":
         if group_size is None:
@@ -36,11 +39,23 @@ class QuantPreset:
             raise UsageError(f"--group-size {group_size} is invalid", "use 0 (per channel) or an even number like 32")
         return replace(self, group_size=group_size)
 
+    def with_activation_ranges(self, ranges: int | None) -> "QuantPreset":
+        if ranges is None or ranges == self.activation_ranges:
+            return self
+        if ranges not in (1, 2):
+            raise UsageError(f"--activation-ranges {ranges} is invalid", "use 1 or 2")
+        if self.linear not in DYNAMIC_ACTIVATIONS:
+            raise UsageError(f"--activation-ranges applies to presets with int8 dynamic activations, not {self.name}",
+                             f"use -q {' or -q '.join(p.name for p in PRESETS.values() if p.linear in DYNAMIC_ACTIVATIONS)}")
+        return replace(self, activation_ranges=ranges)
+
     def to_dict(self) -> dict[str, Any]:
-        """As data; `carries` only where set, so the other presets' manifests stay as they were."""
+        """As data; `carries` and `activation_ranges` only where set, so other manifests stay as they were."""
         data = asdict(self)
         if data["carries"] is None:
             del data["carries"]
+        if data["activation_ranges"] == 1:
+            del data["activation_ranges"]
         return data
 
     @property
@@ -53,6 +68,9 @@ class QuantPreset:
     def quantized(self) -> bool:
         return bool(self.linear or self.lm_head or self.embedding)
 
+
+# Linear recipes whose activations are rounded to int8 at run time (`edgepack.quantize`).
+DYNAMIC_ACTIVATIONS = ("8da4w", "8da8w")
 
 PRESETS: dict[str, QuantPreset] = {
     p.name: p

@@ -449,15 +449,26 @@ def park_quantized(model: nn.Module, folder: Path) -> Callable[[], nn.Module]:
 
 
 def decoded_for_scoring(model: nn.Module) -> nn.Module:
-    """The quantized model with its int embedding table decoded to float once, in place: torchao decodes the whole
-    table on every call (the gate's 1024-token score of the default model: 9 calls over 49152 x 576). Linears
-    stay torchao's, decoded a weight at a time per call: decoding them all once was 2x faster again but held the
-    whole model in float through the gate (6.2 GB at 1.5B: Core ML's export then peaked at 18.0 GB, over 16)."""
+    """The quantized model as the lowering's reference, in place: the same weights on unrounded inputs, and its int
+    embedding table decoded to float once.
+
+    Activations: each runtime rounds a linear's input its own way (XNNPACK to int8 per token, in one or two ranges;
+    ONNX Runtime per block of 32; Core ML not at all, fp16), and torchao's eager per-token rounding matches none
+    of them (on XNNPACK it moved the default model as much as the rounding itself: KL 0.0121). So the reference
+    keeps the weights and leaves the inputs exact; what remains is the runtime's own arithmetic and any lowering
+    bug. BitNet's own int8 activations are the model's, not torchao's, and stay.
+    Table: torchao decodes the whole table on every call (the gate's 1024-token score of the default model: 9
+    calls over 49152 x 576). Linears stay torchao's, decoded a weight at a time per call: decoding them all once
+    was 2x faster again but held the whole model in float through the gate (6.2 GB at 1.5B: Core ML's export then
+    peaked at 18.0 GB, over 16)."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     for module in model.modules():
         if isinstance(module, nn.Embedding) and isinstance(module.weight, IntxUnpackedToInt8Tensor):
             module.weight = nn.Parameter(module.weight.dequantize(), requires_grad=False)
+    for param in model.parameters():
+        if isinstance(param, IntxUnpackedToInt8Tensor):
+            param.activation_quantization = None
     return model
 
 

@@ -583,7 +583,8 @@ def _preset(manifest: Mapping[str, Any]) -> Any:
     from edgepack.presets import get_preset
 
     quant = manifest["quantization"]
-    return get_preset(quant["name"]).with_group_size(quant.get("group_size"))
+    preset = get_preset(quant["name"]).with_group_size(quant.get("group_size"))
+    return preset.with_activation_ranges(quant.get("activation_ranges"))
 
 
 def _reference_session(student: "Student", manifest: Mapping[str, Any], model: Any = None) -> "Session":

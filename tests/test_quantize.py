@@ -163,15 +163,21 @@ def test_hqq_by_row_blocks_equals_torchaos_hqq_on_the_whole_tensor(monkeypatch):
         assert torch.equal(ours.weight.dequantize(), theirs.weight.dequantize())
 
 
-def test_decoded_for_scoring_computes_exactly_what_torchao_computes():
-    """The gate decodes its same-weights model's int table once (`decoded_for_scoring`): the logits are the very
-    ones torchao gives, bit for bit; the linears keep torchao's tensors (their per-token input rounding)."""
+def test_decoded_for_scoring_is_the_same_weights_on_unrounded_inputs():
+    """The lowering's reference (`decoded_for_scoring`): torchao's own weights, bit for bit, with every linear's
+    per-token input rounding off (each runtime rounds its own way) and the int table decoded once."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     model = random_model(tiny_config(), max_context=32)
     quantized = int4_over_q4_1(model)
     tokens = torch.randint(0, 320, (1, 9), generator=torch.Generator().manual_seed(1)).numpy()
-    expected = logits(quantized, tokens)
+    rounded = logits(quantized, tokens)
+    unrounded = copy.deepcopy(quantized)
+    for param in unrounded.parameters():
+        if isinstance(param, IntxUnpackedToInt8Tensor):
+            param.activation_quantization = None
+    expected = logits(unrounded, tokens)
+    assert not np.allclose(expected, rounded, atol=1e-4)  # the rounding was there to turn off
     assert isinstance(quantized.model.embed_tokens.weight, IntxUnpackedToInt8Tensor)
     decoded = decoded_for_scoring(quantized)
     assert not isinstance(decoded.model.embed_tokens.weight, IntxUnpackedToInt8Tensor)
