@@ -11,6 +11,9 @@ Here each rounded input is split at a calibrated magnitude `t` into two rows tha
 read once) and the two halves of its output are summed. The weights are untouched (carried GGUF blocks stay
 exact); what changes is only how finely the activations are rounded. `t` is the 95th percentile of |x| at that
 input over held-out calibration text, measured on the quantized model itself (smoothing included).
+
+Opt-in (`-q int4 --activation-ranges 2`): every linear then computes two rows per token, which costs 20-30% of
+decode and 30-40% of prefill on this CPU (NOTES.md, "Two-range int8 activations").
 """
 
 from __future__ import annotations
