@@ -45,8 +45,9 @@ class QuantPreset:
         if ranges not in (1, 2):
             raise UsageError(f"--activation-ranges {ranges} is invalid", "use 1 or 2")
         if self.linear not in DYNAMIC_ACTIVATIONS:
+            takers = [p.name for p in PRESETS.values() if p.linear in DYNAMIC_ACTIVATIONS]
             raise UsageError(f"--activation-ranges applies to presets with int8 dynamic activations, not {self.name}",
-                             f"use -q {' or -q '.join(p.name for p in PRESETS.values() if p.linear in DYNAMIC_ACTIVATIONS)}")
+                             f"use -q {' or -q '.join(takers)}")
         return replace(self, activation_ranges=ranges)
 
     def to_dict(self) -> dict[str, Any]:

@@ -44,6 +44,13 @@ def test_unknown_preset_is_a_usage_error():
     assert_clean_error(edgepack("export", "--quant", "int3"), 2, "int3", "int4")
 
 
+def test_activation_ranges_on_a_backend_that_rounds_its_own_way_is_a_usage_error(tmp_path):
+    out = str(tmp_path / "b")
+    result = edgepack("export", "-t", "host", "--backend", "onnx/cpu", "--activation-ranges", "2", "-o", out)
+    assert_clean_error(result, 2, "--activation-ranges", "onnx/cpu", "executorch")
+    assert not (tmp_path / "b").exists()
+
+
 def test_missing_model_path(tmp_path):
     assert_clean_error(edgepack("export", "--model", str(tmp_path / "nope.gguf"), "-o", str(tmp_path / "b")), 2, "nope")
     assert not (tmp_path / "b").exists()

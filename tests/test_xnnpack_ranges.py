@@ -118,3 +118,12 @@ def test_the_manifest_records_two_ranges_and_verify_reads_them_back():
     assert "activation_ranges" not in get_preset("int4").to_dict()  # other manifests stay as they were
     assert two.to_dict()["activation_ranges"] == 2
     assert _preset({"quantization": two.to_dict()}) == two
+
+
+def test_a_matrix_passes_two_ranges_to_the_cells_that_take_them(tmp_path):
+    from edgepack.matrix import plan_matrix
+
+    cells = plan_matrix(None, ["pixel-9", "host:onnx/cpu"], ["int4"], tmp_path, activation_ranges=2)
+    by_name = {cell.name: cell for cell in cells}
+    assert by_name["pixel-9-int4"].plan.preset.activation_ranges == 2
+    assert "not to onnx/cpu" in by_name["host-int4"].error
