@@ -48,7 +48,8 @@ class ExportPlan:
         return {
             "model": self.source or "default (SmolLM2-135M-Instruct)",
             "target": self.target.name,
-            "quantization": self.preset.name,
+            "quantization": self.preset.name + (f" ({self.preset.activation_ranges} activation ranges)"
+                                                if self.preset.activation_ranges > 1 else ""),
             "backend": self.backend_label,
             "max_context": f"{self.max_context} ({self.context_from})",
             "output": str(self.output),

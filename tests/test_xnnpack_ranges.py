@@ -126,4 +126,5 @@ def test_a_matrix_passes_two_ranges_to_the_cells_that_take_them(tmp_path):
     cells = plan_matrix(None, ["pixel-9", "host:onnx/cpu"], ["int4"], tmp_path, activation_ranges=2)
     by_name = {cell.name: cell for cell in cells}
     assert by_name["pixel-9-int4"].plan.preset.activation_ranges == 2
+    assert by_name["pixel-9-int4"].plan.describe()["quantization"] == "int4 (2 activation ranges)"  # the plan says so
     assert "not to onnx/cpu" in by_name["host-int4"].error
