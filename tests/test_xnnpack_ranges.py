@@ -13,7 +13,7 @@ import torch
 from edgepack.errors import UsageError
 from edgepack.exporters.executorch import Metadata, XnnpackProgram, lower_to_pte
 from edgepack.exporters.xnnpack_ranges import input_limits
-from edgepack.quantize import apply_preset, get_preset
+from edgepack.quantize import apply_preset, decoded_for_scoring, get_preset
 from edgepack.runtime import TorchDecoder
 from edgepack.runtime.executorch_backend import ExecuTorchDecoder
 
@@ -36,12 +36,9 @@ def heavy_tailed(architecture: str) -> torch.nn.Module:
 
 
 def float_activations(model: torch.nn.Module) -> torch.nn.Module:
-    """The same quantized weights with unrounded inputs: what the rounding is measured against."""
-    model = copy.deepcopy(model)
-    for param in model.parameters():
-        if getattr(param, "activation_quantization", None) is not None:
-            param.activation_quantization = None
-    return model
+    """The same quantized weights with unrounded inputs (the gate's lowering reference): what the rounding is
+    measured against."""
+    return decoded_for_scoring(copy.deepcopy(model))
 
 
 def split_program(model: torch.nn.Module) -> XnnpackProgram:
