@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 class TorchDecoder:
     """A `Decoder` over a `CausalLM` whose KV cache lives in the module's buffers."""
 
+    # Teacher forcing (`Session.score`) feeds this many tokens a call: each call decodes every quantized weight of
+    # a same-weights reference once, so 512 instead of 128 cut a 0.5B student's 1024-token score from 20 to ~12 s.
+    score_chunk = 512
+
     def __init__(self, model: "CausalLM", max_prefill_chunk: int | None = None) -> None:
         import torch  # deferred: `import edgepack.runtime` stays light
 

@@ -306,8 +306,10 @@ def inspect(bundle: str, as_json: bool) -> None:
 def verify(bundle: str, reference: str | None, text: str | None, tokens: int, backend: str | None,
            as_json: bool) -> None:
     """Measure BUNDLE against its fp32 reference on real text; exit 1 if it misses its preset's thresholds."""
+    from edgepack.heap import keep_freed_memory
     from edgepack.verify import VerificationFailed, verify_bundle
 
+    keep_freed_memory()
     out = Output(as_json)
     with out.quiet_native(), out.steps("verify") as step:
         report = verify_bundle(bundle, reference=reference, text_file=text, eval_tokens=tokens, step=step,
