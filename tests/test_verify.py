@@ -135,6 +135,40 @@ def test_fidelity_catches_a_broken_lowering_of_quantized_weights(student_folder,
     assert report["fidelity"]["teacher_forcing"]["mean_kl"] > 0.02  # judged on the distributions
 
 
+@pytest.fixture(scope="module")
+def sharp_student_folder(tmp_path_factory, default_student) -> Path:
+    """The tiny student with its final norm scaled x4: peaked next-token distributions, as a trained model has.
+    A random model's are nearly flat, where even a broken lowering moves KL by only ~0.02."""
+    folder = tmp_path_factory.mktemp("verify") / "sharp-student"
+    cfg = tiny_config(vocab_size=default_student.config.vocab_size, max_position_embeddings=1024)
+    model = random_model(cfg, max_context=CONTEXT)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(4.0)
+    return write_student_folder(folder, default_student, cfg, model)
+
+
+def test_fidelity_catches_a_broken_executorch_lowering(sharp_student_folder, tmp_path, monkeypatch):
+    """ExecuTorch int4: RoPE's cos and sin swapped in the program's own tables (the torch model's stay right)
+    fail the same-weights check and are called broken (measured KL 0.30; a sound lowering 0.0009)."""
+    from edgepack.exporters import executorch as lowering
+
+    original = lowering.RopeTables.forward
+    monkeypatch.setattr(lowering.RopeTables, "forward", lambda self, p: original(self, p)[::-1])
+    with pytest.raises(VerificationFailed) as failed:
+        export(sharp_student_folder, tmp_path / "swapped", quant="int4")
+    report = failed.value.report
+    assert report["broken"] is True and any(f.startswith("fidelity mean KL") for f in report["failures"])
+    assert report["fidelity"]["teacher_forcing"]["mean_kl"] > 0.1
+
+
+def test_a_sound_executorch_int4_lowering_passes_fidelity(sharp_student_folder, tmp_path):
+    export(sharp_student_folder, tmp_path / "int4", quant="int4", verify=False)
+    report = verify_bundle(tmp_path / "int4", eval_tokens=256)
+    assert report.fidelity_thresholds is not None and report.fidelity is not None
+    assert report.fidelity.mean_kl < report.fidelity_thresholds.max_kl / 10  # measured 0.0009
+    assert not report.broken and not any(f.startswith("fidelity") for f in report.failures)
+
+
 def test_a_sound_int4_lowering_has_high_fidelity(student_folder, tmp_path):
     export(student_folder, tmp_path / "int4", backend="onnx/cpu", quant="int4", verify=False)
     report = verify_bundle(tmp_path / "int4", eval_tokens=128)
