@@ -20,19 +20,17 @@ if TYPE_CHECKING:
 
 
 class TorchDecoder:
-    """A `Decoder` over a `CausalLM` whose KV cache lives in the module's buffers."""
+    """A `Decoder` over a `CausalLM` whose KV cache lives in the module's buffers. `score_chunk`: tokens a call when
+    teacher-forced (`Session.score`; default the prefill chunk)."""
 
-    # Teacher forcing (`Session.score`) feeds this many tokens a call: each call decodes every quantized weight of
-    # a same-weights reference once, so 512 instead of 128 cut a 0.5B student's 1024-token score from 20 to ~12 s.
-    score_chunk = 512
-
-    def __init__(self, model: "CausalLM", max_prefill_chunk: int | None = None) -> None:
+    def __init__(self, model: "CausalLM", max_prefill_chunk: int | None = None, score_chunk: int | None = None) -> None:
         import torch  # deferred: `import edgepack.runtime` stays light
 
         self._torch = torch
         self.model = model.eval()
         self.max_context = int(model.max_context)
         self.vocab_size = int(model.config.vocab_size)
+        self.score_chunk = score_chunk
         if max_prefill_chunk:
             self.max_prefill_chunk = int(max_prefill_chunk)
 

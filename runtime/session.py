@@ -268,7 +268,7 @@ class Session:
             )
         with self._holding(_Run()) as run, self._decoder_for(run, fresh=True):
             # A decoder that returns only the last position's logits is teacher-forced one token per call; one
-            # that names a `score_chunk` (the eager torch model) is fed in chunks of that size.
+            # that names a `score_chunk` (the gate's same-weights torch model) is fed in chunks of that size.
             step = 1 if getattr(self.decoder, "last_logits_only", False) else (
                 getattr(self.decoder, "score_chunk", None) or self.prefill_chunk)
             rows = [self.decoder.forward(ids[i : i + step], i) for i in range(0, ids.size, step)]

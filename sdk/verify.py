@@ -15,6 +15,7 @@ run eagerly through the same `Session` API as the bundle.
 from __future__ import annotations
 
 import gc
+import json
 import tempfile
 import time
 import tomllib
@@ -123,27 +124,52 @@ def teacher_forcing(
     ids = np.asarray(token_ids, dtype=np.int64)
     window = max(2, min(window or ids.size, ids.size))
     positions = _Positions()
-    for start in range(0, ids.size - 1, window - 1):
-        part = ids[start : start + window]
-        if part.size < 2:
-            break
+    for part in _windows(ids, window):
         positions.add(reference.score(part)[:-1], candidate.score(part)[:-1], part[1:])
     return positions.result()
 
 
-class _Remembered:
-    """A scorer that keeps what it scored: the bundle's logits for the evaluation text serve both the fp32 and
-    the same-weights comparison (a last-position program such as ExecuTorch's is scored one token per call:
-    minutes for a 1.5B student). Held as float32: 1024 x 151,936 logits are 0.6 GB."""
+def _windows(ids: np.ndarray, window: int) -> list[np.ndarray]:
+    return [ids[start : start + window] for start in range(0, ids.size - 1, window - 1)
+            if ids[start : start + window].size >= 2]
 
-    def __init__(self, scorer: Scorer) -> None:
-        self.scorer, self.seen = scorer, {}
+
+class _Remembered:
+    """A bundle's answers, kept: its logits for the evaluation text (scored once, read by both the fp32 and the
+    same-weights comparison; a last-position program such as ExecuTorch's is scored one token per call) and its
+    greedy replies. Asked everything first, it lets the gate close the bundle's runtime before the fp32 model is
+    built: the two are never in memory together. Logits are held as float32: 1024 x 151,936 are 0.6 GB."""
+
+    def __init__(self, session: "Session") -> None:
+        from edgepack.runtime import Session
+
+        self.session: "Session | None" = session
+        self.tokenizer, self.max_context = session.tokenizer, session.max_context
+        self.prompt_ids = Session(None, session.tokenizer, session.manifest).prompt_ids  # no runtime needed
+        self.seen: dict[bytes, np.ndarray] = {}
+        self.replies: dict[str, Any] = {}
 
     def score(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         key = np.asarray(token_ids, dtype=np.int64).tobytes()
         if key not in self.seen:
-            self.seen[key] = np.asarray(self.scorer.score(token_ids), dtype=np.float32)
+            self.seen[key] = np.asarray(self._open().score(token_ids), dtype=np.float32)
         return self.seen[key]
+
+    def complete(self, messages: list[Mapping[str, str]], **options: Any) -> Any:
+        key = json.dumps([messages, options], sort_keys=True)
+        if key not in self.replies:
+            self.replies[key] = self._open().complete(messages, **options)
+        return self.replies[key]
+
+    def close(self) -> None:
+        """Drop the runtime; the answers stay."""
+        self.session = None
+        gc.collect()
+
+    def _open(self) -> "Session":
+        if self.session is None:
+            raise RuntimeError("the bundle's runtime was closed before this answer was asked for")
+        return self.session
 
 
 # --- thresholds (data: sdk/thresholds.toml) -------------------------------------------------------------
@@ -430,28 +456,42 @@ def verify_bundle(
     # What actually ran, e.g. an NPU bundle's CPU model on a host where the NPU would only be simulated.
     ran = getattr(session.decoder, "label", None) or backend + (f"/{delegate}" if delegate else "")
     thresholds = thresholds_for(preset, *ran.split("/", 1))
-    if reference_answers is not None:
-        ref = reference_answers.replay(manifest, _reference_tokenizer(student),
-                                       lambda: _reference_session(student, manifest))
-    else:
-        ref = _reference_session(student, manifest)
+    reference_tokenizer = _reference_tokenizer(student)
     hf_tokenizer = _hf_tokenizer(student)
 
     step("check tokenizer")
     tokenizer = check_tokenizer(session.tokenizer, hf_tokenizer, student.chat_template, text)
-    ids = ref.tokenizer.encode(text)[: eval_tokens + 1]
+    ids = np.asarray(reference_tokenizer.encode(text)[: eval_tokens + 1], dtype=np.int64)
     if len(ids) < eval_tokens + 1:
         raise EdgepackError(
             f"the evaluation text has {len(ids)} tokens, fewer than the {eval_tokens} to score",
             "pass a longer --text or fewer --tokens",
         )
 
-    step(f"teacher forcing ({eval_tokens} tokens)")
-    window = min(session.max_context, ref.max_context)
-    bundle_scores = _Remembered(session)  # scored once, read again by the fidelity pass
-    agreement = teacher_forcing(ref, bundle_scores, ids, window=window)
-    step("greedy continuations")
-    greedy = [compare_greedy(ref, session, messages) for messages in CHAT_PROMPTS]
+    # The bundle first, all of it (scores and replies kept), then its runtime closed: the fp32 model that follows
+    # is never in memory beside it (a 1.5B Core ML export's gate held a 3.1 GB fp16 host check beside 6.2 GB).
+    reference_context = int(manifest["context_length"])  # what `_reference_session` builds (and a recording has)
+    window = min(session.max_context, reference_context)
+    step(f"teacher forcing: the bundle ({eval_tokens} tokens)")
+    answers = _Remembered(session)
+    for part in _windows(ids, window):
+        answers.score(part)
+    step("greedy continuations: the bundle")
+    for messages in CHAT_PROMPTS:
+        options = greedy_options(answers, messages, reference_context)
+        if options:
+            answers.complete(list(messages), **options)
+    session = None
+    answers.close()
+
+    step(f"teacher forcing: the fp32 reference ({eval_tokens} tokens)")
+    if reference_answers is not None:
+        ref = reference_answers.replay(manifest, reference_tokenizer, lambda: _reference_session(student, manifest))
+    else:
+        ref = _reference_session(student, manifest)
+    agreement = teacher_forcing(ref, answers, ids, window=window)
+    step("greedy continuations: the fp32 reference")
+    greedy = [compare_greedy(ref, answers, messages) for messages in CHAT_PROMPTS]
     del ref  # the fp32 model: never in memory together with the quantized one
     gc.collect()
 
@@ -461,7 +501,7 @@ def verify_bundle(
     if not unquantized:
         step(f"fidelity: the same quantized weights in edgepack's torch model ({eval_tokens} tokens)")
         same = _same_weights_session(student, manifest, quantization, same_weights)
-        fidelity = teacher_forcing(same, bundle_scores, ids, window=window)
+        fidelity = teacher_forcing(same, answers, ids, window=window)
         same = None
         fidelity_limits = fidelity_thresholds(*ran.split("/", 1))
         fidelity_failures = [f"fidelity {f}" for f in fidelity_limits.failures(fidelity)] if fidelity_limits else []
@@ -487,14 +527,19 @@ def verify_bundle(
     )
 
 
-def compare_greedy(reference: "Session", candidate: "Session", messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
+def greedy_options(candidate: Any, messages: Sequence[Mapping[str, str]], reference_context: int) -> dict[str, Any] | None:
+    """The generation options of the greedy comparison for one chat prompt; None where it does not fit."""
+    _, ids = candidate.prompt_ids(messages)
+    new_tokens = min(GREEDY_TOKENS, candidate.max_context - len(ids) - 1, reference_context - len(ids) - 1)
+    return {"max_new_tokens": new_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0} if new_tokens >= 1 else None
+
+
+def compare_greedy(reference: "Session", candidate: Any, messages: Sequence[Mapping[str, str]]) -> dict[str, Any]:
     """Greedy replies of both to one chat prompt; `matched` counts the tokens before the first difference."""
     prompt = messages[-1]["content"]
-    _, ids = candidate.prompt_ids(messages)
-    new_tokens = min(GREEDY_TOKENS, candidate.max_context - len(ids) - 1, reference.max_context - len(ids) - 1)
-    if new_tokens < 1:
+    options = greedy_options(candidate, messages, reference.max_context)
+    if options is None:
         return {"prompt": prompt, "skipped": "prompt does not fit the context"}
-    options = {"max_new_tokens": new_tokens, "temperature": 0.0, "top_p": 1.0, "top_k": 0}
     theirs = reference.complete(list(messages), **options).token_ids
     ours = candidate.complete(list(messages), **options).token_ids
     matched = next((i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b), min(len(theirs), len(ours)))
@@ -576,7 +621,10 @@ def _same_weights_session(student: "Student", manifest: Mapping[str, Any], prese
         model = load()
     else:
         model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
-    return _reference_session(student, manifest, decoded_for_scoring(model))
+    # Scored 512 tokens a call: torchao decodes every int weight once per call (a 0.5B student's 1024-token score
+    # 20 -> 12 s). The fp32 reference keeps the prefill chunk: at 512 the gate of a 1.5B Core ML export, which holds
+    # it beside the package's fp16 host check, peaked at 16.35 GB instead of 15.86.
+    return _reference_session(student, manifest, decoded_for_scoring(model), score_chunk=512)
 
 
 def _preset(manifest: Mapping[str, Any]) -> Any:
@@ -588,7 +636,8 @@ def _preset(manifest: Mapping[str, Any]) -> Any:
     return preset.with_activation_ranges(quant.get("activation_ranges"))
 
 
-def _reference_session(student: "Student", manifest: Mapping[str, Any], model: Any = None) -> "Session":
+def _reference_session(student: "Student", manifest: Mapping[str, Any], model: Any = None,
+                       score_chunk: int | None = None) -> "Session":
     """A Session over `model` (default: the student's fp32 model) with the student's own tokenizer."""
     from edgepack.model import build_model
     from edgepack.runtime import Session, TorchDecoder
@@ -597,7 +646,8 @@ def _reference_session(student: "Student", manifest: Mapping[str, Any], model: A
     if model is None:
         model = build_model(student.config, student.state_dict, max_context=int(manifest["context_length"]))
     prefill = manifest["backend"].get("max_prefill") or 128
-    return Session(TorchDecoder(model, max_prefill_chunk=prefill), tokenizer, {"tokenizer": manifest.get("tokenizer")})
+    return Session(TorchDecoder(model, max_prefill_chunk=prefill, score_chunk=score_chunk), tokenizer,
+                   {"tokenizer": manifest.get("tokenizer")})
 
 
 def _reference_tokenizer(student: "Student") -> Any:
