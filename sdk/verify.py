@@ -622,8 +622,8 @@ def _same_weights_session(student: "Student", manifest: Mapping[str, Any], prese
     else:
         model = build_quantized(student, preset, manifest["backend"]["name"], int(manifest["context_length"]))
     # Scored 512 tokens a call: torchao decodes every int weight once per call (a 0.5B student's 1024-token score
-    # 20 -> 12 s). The fp32 reference keeps the prefill chunk: at 512 the gate of a 1.5B Core ML export, which holds
-    # it beside the package's fp16 host check, peaked at 16.35 GB instead of 15.86.
+    # 20 -> 12 s). The fp32 reference keeps the prefill chunk: it gains less (10.5 -> 7.4 s) and is the gate's
+    # heaviest moment, where 512 rows of a 151,936-token vocabulary would add ~0.3 GB of logits.
     return _reference_session(student, manifest, decoded_for_scoring(model), score_chunk=512)
 
 
