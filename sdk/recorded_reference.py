@@ -62,7 +62,7 @@ def _ids_key(token_ids: Sequence[int] | np.ndarray) -> str:
     return hashlib.sha256(np.asarray(token_ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _reply_key(messages: Sequence[Mapping[str, str]], options: Mapping[str, Any]) -> str:
+def reply_key(messages: Sequence[Mapping[str, str]], options: Mapping[str, Any]) -> str:
     return json.dumps([list(messages), dict(sorted(options.items()))], sort_keys=True)
 
 
@@ -83,7 +83,7 @@ class _Recorder:
         return self.session.prompt_ids(messages, chat)
 
     def complete(self, messages: Sequence[Mapping[str, str]], **options: Any) -> Any:
-        key = _reply_key(messages, options)
+        key = reply_key(messages, options)
         if key not in self.recording.replies:
             self.recording.replies[key] = list(self.session.complete(list(messages), **options).token_ids)
         return SimpleNamespace(token_ids=self.recording.replies[key])
@@ -108,7 +108,7 @@ class _Replayed:
         return found if found is not None else self._session().score(token_ids)
 
     def complete(self, messages: Sequence[Mapping[str, str]], **options: Any) -> Any:
-        found = self.recording.replies.get(_reply_key(messages, options))
+        found = self.recording.replies.get(reply_key(messages, options))
         if found is not None:
             return SimpleNamespace(token_ids=found)
         return self._session().complete(list(messages), **options)

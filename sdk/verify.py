@@ -15,7 +15,6 @@ run eagerly through the same `Session` API as the bundle.
 from __future__ import annotations
 
 import gc
-import json
 import tempfile
 import time
 import tomllib
@@ -156,7 +155,9 @@ class _Remembered:
         return self.seen[key]
 
     def complete(self, messages: list[Mapping[str, str]], **options: Any) -> Any:
-        key = json.dumps([messages, options], sort_keys=True)
+        from edgepack.recorded_reference import reply_key
+
+        key = reply_key(messages, options)
         if key not in self.replies:
             self.replies[key] = self._open().complete(messages, **options)
         return self.replies[key]
