@@ -45,9 +45,6 @@ class ExportRequest:
     # `ternary` preset stores as they are.
     ternary_blocks: "Mapping[str, TernaryBlocks]" = field(default_factory=dict)
     model_name: str | None = None  # the Hub id when known, else the student's name (package metadata)
-    # Token ids of held-out real text where the exporter calibrates what the runtime rounds (the preset's
-    # `activation_ranges`); never the evaluation text.
-    calibration_ids: list[int] = field(default_factory=list)
 
 
 Exporter = Callable[[ExportRequest], dict[str, Any]]

@@ -24,7 +24,8 @@ from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.xnnpack_pieces import PieceLowerer
 from edgepack.exporters.xnnpack_reuse import reuse_lowered_layers
-from edgepack.exporters.xnnpack_ranges import Limits, SummedHalves, TwoRanges, input_limits
+from edgepack.exporters.xnnpack_ranges import (ROUNDING_MAGIC, ResidualRows, SummedHalves, anchors, padded_float_linear,
+                                                rounded_per_token)
 from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, through
 from edgepack.progress import SILENT, Steps
 from edgepack.quantize import BlockOffsetLinear
@@ -60,12 +61,12 @@ class AttentionInputs(nn.Module):
 
     TOKEN_DIMS = (0, 0, 0)  # x [T, hidden], cos, sin [T, 1, D]
 
-    def __init__(self, layer: nn.Module, limits: Limits) -> None:
+    def __init__(self, layer: nn.Module, ranges: int) -> None:
         super().__init__()
         attn = layer.self_attn
         rounded = attn.int8_inputs is not None
         self.norm = XnnpackRMSNorm(layer.input_layernorm)
-        self.split = two_ranges(limits, attn.q_proj)
+        self.split = residual_rows(ranges, attn.q_proj)
         self.q_proj, self.k_proj, self.v_proj = (summed(xnnpack_linear(p, rounded), self.split)
                                                  for p in (attn.q_proj, attn.k_proj, attn.v_proj))
         self.num_heads, self.num_kv_heads, self.head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -105,14 +106,14 @@ class LayerOutput(nn.Module):
 
     TOKEN_DIMS = (1, 0)  # attention output [1, T, heads, D], x [T, hidden]
 
-    def __init__(self, layer: nn.Module, limits: Limits) -> None:
+    def __init__(self, layer: nn.Module, ranges: int) -> None:
         super().__init__()
         attn = layer.self_attn
         self.width = attn.num_heads * attn.head_dim
-        self.split = two_ranges(limits, attn.o_proj)
+        self.split = residual_rows(ranges, attn.o_proj)
         self.o_proj = summed(xnnpack_linear(attn.o_proj, attn.int8_inputs is not None), self.split)
         self.post_attention_layernorm = XnnpackRMSNorm(layer.post_attention_layernorm)
-        self.mlp = XnnpackMLP(layer.mlp, limits)
+        self.mlp = XnnpackMLP(layer.mlp, ranges)
         # BitNet only (None for Llama/Qwen2, whose graph stays as it was): the sub-norm before o_proj and the int8
         # rounding of its input.
         self.attn_sub_norm = _optional(XnnpackRMSNorm, attn.attn_sub_norm)
@@ -130,9 +131,9 @@ class LayerJoin(nn.Module):
 
     TOKEN_DIMS = (1, 0, 0, 0)
 
-    def __init__(self, layer: nn.Module, following: nn.Module, limits: Limits) -> None:
+    def __init__(self, layer: nn.Module, following: nn.Module, ranges: int) -> None:
         super().__init__()
-        self.output, self.inputs = LayerOutput(layer, limits), AttentionInputs(following, limits)
+        self.output, self.inputs = LayerOutput(layer, ranges), AttentionInputs(following, ranges)
 
     def forward(self, attention: torch.Tensor, x: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -163,10 +164,10 @@ class OutputHead(nn.Module):
 
     TOKEN_DIMS = (None,)  # x [1, hidden]
 
-    def __init__(self, model: CausalLM, limits: Limits) -> None:
+    def __init__(self, model: CausalLM, ranges: int) -> None:
         super().__init__()
         self.norm = XnnpackRMSNorm(model.model.norm)
-        self.split = two_ranges(limits, model.model.norm)
+        self.split = residual_rows(ranges, model.lm_head)
         self.lm_head = summed(xnnpack_linear(model.lm_head), self.split)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,10 +218,6 @@ class XnnpackInt8Activations(nn.Module):
         return (codes / scale).view(-1, width).to(x.dtype)
 
 
-# 1.5 * 2^23: adding it to |y| < 2^22 leaves a float whose unit in the last place is 1 (round to integer).
-ROUNDING_MAGIC = 12582912.0
-
-
 def _optional(form: type[nn.Module], module: nn.Module | None) -> nn.Module | None:
     """The XNNPACK form of a module the model may not have (BitNet's pieces): None stays None, adding no op."""
     return None if module is None else form(module)
@@ -251,6 +248,16 @@ class DynamicQuantLinear(nn.Module):
         self.register_buffer("zero_point", weight.zero_point.reshape(rows).to(torch.int8))
         self.bias = linear.bias
 
+    def pad_block(self) -> None:
+        """One more block of 32 inputs with weight codes 0 (the product is unchanged): room for anchor inputs."""
+        rows = self.qdata.shape[0]
+        if self.scale.dim() == 1:  # per channel: the padded row stays one group
+            self.group = self.qdata.shape[1] + BLOCK
+        else:  # one more block of 32; any positive scale (its codes are 0)
+            self.scale = torch.cat([self.scale, torch.ones(rows, 1)], dim=1)
+            self.zero_point = torch.cat([self.zero_point, torch.zeros(rows, 1, dtype=torch.int8)], dim=1)
+        self.qdata = torch.cat([self.qdata, torch.zeros(rows, BLOCK, dtype=self.qdata.dtype)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.quantized_decomposed
         scale, zero = ops.choose_qparams_per_token_asymmetric(x, torch.int8)
@@ -276,17 +283,9 @@ class AnchoredQuantLinear(DynamicQuantLinear):
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__(linear)
-        rows = self.qdata.shape[0]
         self._one_scale_per_row()
-        if self.scale.dim() == 1:  # per channel: the padded row stays one group
-            self.group = self.qdata.shape[1] + BLOCK
-        else:  # one more block of 32; any positive scale (its codes are 0)
-            self.scale = torch.cat([self.scale, torch.ones(rows, 1)], dim=1)
-            self.zero_point = torch.cat([self.zero_point, torch.zeros(rows, 1, dtype=torch.int8)], dim=1)
-        self.qdata = torch.cat([self.qdata, torch.zeros(rows, BLOCK, dtype=self.qdata.dtype)], dim=1)
-        anchors = torch.zeros(BLOCK)
-        anchors[0], anchors[1] = ANCHOR, -ANCHOR
-        self.register_buffer("anchors", anchors, persistent=False)
+        self.pad_block()
+        self.register_buffer("anchors", anchors(), persistent=False)
 
     def _one_scale_per_row(self) -> None:
         """Blocks that share their row's scale (BitNet's one scale per matrix, repeated per block of 32 by the
@@ -302,22 +301,38 @@ class AnchoredQuantLinear(DynamicQuantLinear):
         return super().forward(torch.cat([x, peak * self.anchors.to(x.dtype)], dim=-1))
 
 
-# The anchors' size in units of the input's absmax: half a code step beyond the largest code, each side.
-ANCHOR = 127.5 / 127
-
-
 class XnnpackBlockOffsetLinear(nn.Module):
     """`BlockOffsetLinear` (carried GGUF Q4_1 blocks) with block means from a 4-D mean instead of block sums
-    from a reshape-matmul-squeeze; the offsets are scaled by 32 to match (exact: a power of two)."""
+    from a reshape-matmul-squeeze; the offsets are scaled by 32 to match (exact: a power of two). The offsets are
+    int8 (`quantize.OFFSETS_RECIPE`), or float with `--activation-ranges 2` (their means then need no rounding)."""
 
     def __init__(self, linear: BlockOffsetLinear) -> None:
         super().__init__()
         self.main = xnnpack_linear(linear.main)
-        self.offsets = DynamicQuantLinear(linear.offsets)  # always int8 (`quantize.OFFSETS_RECIPE`)
-        self.offsets.scale.mul_(BLOCK)  # its own copy of the scales
+        if rounded_per_token(linear.offsets):
+            self.offsets = DynamicQuantLinear(linear.offsets)
+            self.offsets.scale.mul_(BLOCK)  # its own copy of the scales
+        else:
+            self.offsets = nn.Linear(linear.offsets.in_features, linear.offsets.out_features, bias=False)
+            self.offsets.weight = nn.Parameter(linear.offsets.weight.detach() * BLOCK, requires_grad=False)
         self.blocks = linear.in_features // BLOCK
         smoothed = not bool((linear.block_scale == 1).all())
         self.block_scale = linear.block_scale.clone() if smoothed else None  # no multiply where there is none
+
+    def pad_block(self) -> None:
+        """For `ResidualRows`: one more block of 32 inputs that adds nothing (`DynamicQuantLinear.pad_block`); its
+        mean meets a zero offset column."""
+        self.main.pad_block()
+        if isinstance(self.offsets, DynamicQuantLinear):  # int8 per channel: the padded row stays one group
+            self.offsets.qdata = torch.cat([self.offsets.qdata, torch.zeros_like(self.offsets.qdata[:, :1])], dim=1)
+            self.offsets.group = self.offsets.qdata.shape[1]
+        else:
+            weight = self.offsets.weight
+            self.offsets.weight = nn.Parameter(torch.cat([weight, torch.zeros_like(weight[:, :1])], dim=1),
+                                               requires_grad=False)
+        self.blocks += 1
+        if self.block_scale is not None:
+            self.block_scale = torch.cat([self.block_scale, torch.ones_like(self.block_scale[:1])])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         means = x.view(-1, self.blocks, 1, BLOCK).mean((2, 3), keepdim=True).view(-1, self.blocks)
@@ -337,16 +352,21 @@ def xnnpack_linear(linear: nn.Module, int8_input: bool = False) -> nn.Module:
     return linear
 
 
-def two_ranges(limits: Limits, reader: nn.Module) -> TwoRanges | None:
-    """The split of the input `reader` reads (`xnnpack_ranges`), where one was calibrated."""
-    limit = limits.get(reader)
-    return None if limit is None else TwoRanges(limit)
+def residual_rows(ranges: int, reader: nn.Module) -> ResidualRows | None:
+    """The two rows (`xnnpack_ranges`) of the input `reader` reads, with `--activation-ranges 2` where XNNPACK
+    rounds that input per token."""
+    return ResidualRows() if ranges == 2 and rounded_per_token(reader) else None
 
 
-def summed(form: nn.Module, split: TwoRanges | None) -> nn.Module:
-    """`form` over a split input: its output halves summed, its bias (taken off the form) added once."""
+def summed(form: nn.Module, split: ResidualRows | None) -> nn.Module:
+    """`form` over a split input: its inputs padded for the anchors, its output halves summed, its bias (taken off
+    the form) added once."""
     if split is None:
         return form
+    if isinstance(form, nn.Linear):
+        form = padded_float_linear(form)
+    else:
+        form.pad_block()
     inner = form.main if isinstance(form, XnnpackBlockOffsetLinear) else form
     bias, inner.bias = inner.bias, None
     return SummedHalves(form, bias)
@@ -356,10 +376,10 @@ class XnnpackMLP(nn.Module):
     """The gated MLP; for BitNet also its squared-ReLU gate, the sub-norm before down_proj and the int8 rounding of
     the projections' inputs (absent for Llama/Qwen2: their graph is unchanged)."""
 
-    def __init__(self, mlp: nn.Module, limits: Limits) -> None:
+    def __init__(self, mlp: nn.Module, ranges: int) -> None:
         super().__init__()
         rounded = mlp.int8_inputs is not None
-        self.split, self.down_split = two_ranges(limits, mlp.gate_proj), two_ranges(limits, mlp.down_proj)
+        self.split, self.down_split = residual_rows(ranges, mlp.gate_proj), residual_rows(ranges, mlp.down_proj)
         self.gate_proj = summed(xnnpack_linear(mlp.gate_proj, rounded), self.split)
         self.up_proj = summed(xnnpack_linear(mlp.up_proj, rounded), self.split)
         self.down_proj = summed(xnnpack_linear(mlp.down_proj, rounded), self.down_split)
@@ -429,20 +449,19 @@ class XnnpackProgram(nn.Module):
 
     PIECES = ("rope", "first", "joins", "last", "head")
 
-    def __init__(self, model: CausalLM, limits: Limits | None = None) -> None:
+    def __init__(self, model: CausalLM, ranges: int = 1) -> None:
         super().__init__()
         from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama:: ops)
 
-        limits = limits or {}
         layers = model.model.layers
         self.max_context = model.max_context
         self.embed_tokens = PackedEmbedding.from_torchao(model.model.embed_tokens) or model.model.embed_tokens
         self.rope = RopeTables(model.inv_freq, model.rope_dtype())
-        self.first = AttentionInputs(layers[0], limits)
+        self.first = AttentionInputs(layers[0], ranges)
         self.attention = nn.ModuleList(CachedAttention(layer.self_attn) for layer in layers)
-        self.joins = nn.ModuleList(LayerJoin(layer, following, limits) for layer, following in zip(layers, layers[1:]))
-        self.last = LayerOutput(layers[-1], limits)
-        self.head = OutputHead(model, limits)
+        self.joins = nn.ModuleList(LayerJoin(layer, following, ranges) for layer, following in zip(layers, layers[1:]))
+        self.last = LayerOutput(layers[-1], ranges)
+        self.head = OutputHead(model, ranges)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
@@ -508,11 +527,10 @@ class Metadata:
         }
 
 
-def lower_to_pte(model: CausalLM, meta: Metadata, step: Steps = SILENT,
-                 calibration_ids: list[int] | None = None) -> tuple[bytes, list[str]]:
+def lower_to_pte(model: CausalLM, meta: Metadata, step: Steps = SILENT, ranges: int = 1) -> tuple[bytes, list[str]]:
     """Lower each XNNPACK piece, export the program around their delegates and serialize; returns the .pte
-    bytes and the operators it calls. With `calibration_ids` (held-out text: the preset's `activation_ranges` is 2)
-    each int8-rounded input is rounded in two ranges (`xnnpack_ranges`)."""
+    bytes and the operators it calls. `ranges` 2: each input XNNPACK rounds to int8 per token reaches its linear
+    as two rows, its grid and the grid's residual (`xnnpack_ranges`)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     from executorch.exir.passes import MemoryPlanningPass
@@ -525,11 +543,7 @@ def lower_to_pte(model: CausalLM, meta: Metadata, step: Steps = SILENT,
             ops, _check = super().ops_to_not_decompose(program)
             return ops, None
 
-    limits = {}
-    if calibration_ids:
-        step("calibrate activation ranges")
-        limits = input_limits(model, calibration_ids)
-    program = XnnpackProgram(model, limits)
+    program = XnnpackProgram(model, ranges)
     config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
     pieces = PieceLowerer(meta.max_prefill, Partitioner, config, on_piece=step.advance)
     step("lower to XNNPACK", total=len(program.attention) + 3)  # rope, first, the joins, last, head
@@ -614,8 +628,8 @@ def export_executorch(request: ExportRequest) -> dict[str, Any]:
         max_prefill=request.max_prefill,
         vocab_size=request.model.config.vocab_size,
     )
-    pte, operators = lower_to_pte(request.model, meta, request.step, request.calibration_ids)
     ranges = request.preset.activation_ranges if request.preset else 1
+    pte, operators = lower_to_pte(request.model, meta, request.step, ranges)
     Path(request.writer.path(PROGRAM_FILE)).write_bytes(pte)
     return {
         "name": "executorch",

@@ -156,7 +156,6 @@ def run_export(plan: ExportPlan, step: Steps = SILENT, student: Any = None, buil
     from edgepack.bundle import write_bundle
     from edgepack.exporters import ExportRequest, get_exporter
     from edgepack.intake import load_student
-    from edgepack.quantize import calibration_ids
     from edgepack.verify import VerificationFailed, gate_export
 
     started = time.perf_counter()
@@ -186,7 +185,6 @@ def run_export(plan: ExportPlan, step: Steps = SILENT, student: Any = None, buil
             gguf_blocks=student.gguf_blocks,
             ternary_blocks=student.ternary_blocks,
             model_name=student.name,
-            calibration_ids=calibration_ids(student) if plan.preset.activation_ranges > 1 else [],
         )
         backend_section = exporter(request)
         del request, model, built  # the gate below loads the fp32 reference: never both in memory
@@ -250,7 +248,8 @@ class BuiltModel:
 
 def build_key(plan: ExportPlan) -> tuple[Any, ...]:
     """Cells of a matrix with equal keys build the same model (`quantize.build_quantized`'s inputs)."""
-    return plan.preset.name, plan.preset.group_size, plan.backend, plan.max_context
+    preset = plan.preset  # activation_ranges 2 builds without smoothing (`quantize._smoothed_parts`)
+    return preset.name, preset.group_size, preset.activation_ranges, plan.backend, plan.max_context
 
 
 def build_for_plan(plan: ExportPlan, student: Any, step: Steps = SILENT, park: Path | None = None) -> BuiltModel:

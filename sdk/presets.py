@@ -25,8 +25,9 @@ class QuantPreset:
     # Exact weights of the student this preset stores as they are, never rounded: "ternary" = BitNet b1.58's
     # codes and scales (`Student.ternary_blocks`). A student without them cannot take the preset.
     carries: str | None = None
-    # Where a backend rounds each linear's input to int8 once per token (XNNPACK's dynamic int8 linears), 2 rounds
-    # the bulk of the values and the few large ones apart (`exporters/xnnpack_ranges.py`): closer to fp32, slower.
+    # Where a backend rounds each linear's input to int8 once per token (XNNPACK's dynamic int8 linears), 2 hands it
+    # the input's own int8 grid and that grid's residual as two rows (`exporters/xnnpack_ranges.py`): ~16-bit
+    # activations, the same weights' figures, twice the linear work.
     activation_ranges: int = 1
 
     def with_group_size(self, group_size: int | None) -> "QuantPreset":

@@ -332,8 +332,9 @@ def piece_quantizer(
                 )
                 quantize_modules(piece, "8da8w", 0, lambda m, fqn: fqn in wide)
                 quantize_modules(piece, preset.linear, group, fits)
-                is_offsets = lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".offsets")  # noqa: E731
-                quantize_modules(piece, OFFSETS_RECIPE, 0, is_offsets)
+                if preset.activation_ranges == 1:  # with 2, the offsets stay float: exact, no input rounding
+                    is_offsets = lambda m, fqn: isinstance(m, nn.Linear) and fqn.endswith(".offsets")  # noqa: E731
+                    quantize_modules(piece, OFFSETS_RECIPE, 0, is_offsets)
 
     return prepare
 
@@ -429,10 +430,13 @@ def build_quantized(student: Any, preset: QuantPreset, backend: str, max_context
 
 
 def _smoothed_parts(preset: QuantPreset, config: Any, tied_table: bool) -> dict[str, bool]:
-    """Which parts get `Smoothing`: those whose recipe rounds activations per token (8da*). The layers only where
-    their weights are grouped by 32, whose rounding a block's factor leaves as it is (a per-channel int8 weight
-    would trade weight error for activation error: measured worse on a random model); not an output layer kept
-    equal to the table, nor BitNet's layers (their sub-norms renormalize what the factors would scale)."""
+    """Which parts get `Smoothing`: those whose recipe rounds activations per token (8da*), unless `activation_ranges`
+    2 makes that rounding nearly exact. The layers only where their weights are grouped by 32, whose rounding a
+    block's factor leaves as it is (a per-channel int8 weight would trade weight error for activation error:
+    measured worse on a random model); not an output layer kept equal to the table, nor BitNet's layers (their
+    sub-norms renormalize what the factors would scale)."""
+    if preset.activation_ranges > 1:  # nothing left to balance (measured: NOTES.md, "Two-range int8 activations")
+        return {"head": False, "layers": False}
     return {"head": not tied_table and (preset.lm_head or "").startswith("8da"),
             "layers": preset.linear == "8da4w" and preset.group_size == BLOCK and config.architecture != "bitnet"}
 
