@@ -1,7 +1,7 @@
 """Export time, peak memory, bundle size and the gate's figures for real students, per backend, in one run.
 
     python benchmarks/bench_export.py [--model default] [--model qwen=PATH.gguf] [--model r1-1.5b] \
-        [--backend executorch,onnx,coreml] [--work DIR] [--timeout 3600] [--json] [--out FILE]
+        [--backend executorch,executorch-2r,onnx,coreml] [--work DIR] [--timeout 3600] [--json] [--out FILE]
 
 Models: `default` (the embedded SmolLM2-135M-Instruct Q4_1 GGUF), `NAME=PATH` (a GGUF file or a Hugging Face
 folder), or a shape from students.py (`r1-1.5b`: DeepSeek-R1-Distill-Qwen-1.5B's shape, random bf16 weights
@@ -30,10 +30,11 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-BACKENDS = {  # backend -> (target, --backend): where each backend is normally shipped
-    "executorch": ("pixel-9", "executorch/xnnpack"),
-    "onnx": ("host", "onnx/cpu"),
-    "coreml": ("iphone-16-pro", "coreml"),
+BACKENDS = {  # backend -> (target, --backend, more export flags): where each backend is normally shipped
+    "executorch": ("pixel-9", "executorch/xnnpack", []),
+    "executorch-2r": ("pixel-9", "executorch/xnnpack", ["--activation-ranges", "2"]),  # ~16-bit activations
+    "onnx": ("host", "onnx/cpu", []),
+    "coreml": ("iphone-16-pro", "coreml", []),
 }
 SHAPES = {"r1-1.5b": "r1-distill-qwen-1.5b"}
 
@@ -57,8 +58,8 @@ def resolve_model(spec: str, work: Path) -> tuple[str, str | None]:
 
 
 def run_export(source: str | None, backend: str, out: Path, timeout: float) -> dict[str, Any]:
-    target, flag = BACKENDS[backend]
-    cmd = [sys.executable, "-m", "edgepack.cli", "export", "-t", target, "--backend", flag, "-q", "int4",
+    target, flag, more = BACKENDS[backend]
+    cmd = [sys.executable, "-m", "edgepack.cli", "export", "-t", target, "--backend", flag, "-q", "int4", *more,
            "-o", str(out), "--force", "--json"] + (["-m", source] if source else [])
     started = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -184,7 +185,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", action="append", help="default, r1-1.5b or NAME=PATH (repeatable)")
-    p.add_argument("--backend", default="executorch,onnx,coreml")
+    p.add_argument("--backend", default="executorch,onnx,coreml", help=f"of {', '.join(BACKENDS)}")
     p.add_argument("--work", type=Path, default=Path("bench-export"))
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
@@ -212,7 +213,8 @@ def main() -> int:
             done = subprocess.run([sys.executable, __file__, "--one", source or "-", backend, str(out),
                                    "--timeout", str(args.timeout)], capture_output=True, text=True)
             row = json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else {"status": done.stderr[-200:]}
-            rows.append({"model": label, "backend": BACKENDS[backend][1], **row})
+            _, flag, more = BACKENDS[backend]
+            rows.append({"model": label, "backend": " ".join([flag, *more]), **row})
             print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
             save(report)  # row by row: a long run stopped midway keeps what it measured
         if spec not in SHAPES:

@@ -45,8 +45,8 @@ class QuantPreset:
             return self
         if ranges not in (1, 2):
             raise UsageError(f"--activation-ranges {ranges} is invalid", "use 1 or 2")
-        if self.linear not in DYNAMIC_ACTIVATIONS:
-            takers = [p.name for p in PRESETS.values() if p.linear in DYNAMIC_ACTIVATIONS]
+        if not self.rounds_activations:
+            takers = [p.name for p in PRESETS.values() if p.rounds_activations]
             raise UsageError(f"--activation-ranges applies to presets with int8 dynamic activations, not {self.name}",
                              f"use -q {' or -q '.join(takers)}")
         return replace(self, activation_ranges=ranges)
@@ -65,6 +65,11 @@ class QuantPreset:
         import torch
 
         return getattr(torch, self.dtype)
+
+    @property
+    def rounds_activations(self) -> bool:
+        """Whether some linear's input is rounded to int8 at run time (the ternary preset: its output layer's)."""
+        return self.linear in DYNAMIC_ACTIVATIONS or self.lm_head in DYNAMIC_ACTIVATIONS
 
     @property
     def quantized(self) -> bool:

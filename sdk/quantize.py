@@ -311,6 +311,8 @@ def piece_quantizer(
                 recipe, table_group = _embedding_recipe(preset, blocks)
                 if recipe:
                     quantize_modules(piece, recipe, table_group, lambda m, _fqn: m is piece)
+                    with torch.no_grad():  # as the backends store them (ExecuTorch's embedding kernels, Core ML)
+                        piece.weight.scale.copy_(piece.weight.scale.half().float())
             elif preset.linear == "ternary":
                 _carry_ternary(piece, prefix, blocks)
             elif preset.linear:
