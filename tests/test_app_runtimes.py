@@ -6,6 +6,7 @@ model's real tokenizer; the default model itself is in the slow tests at the end
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -181,14 +182,26 @@ def test_genai_equals_edgepack_run_on_the_default_model(default_onnx_bundles, qu
     assert_genai_equals_edgepack_run(default_onnx_bundles[quant])
 
 
-@pytest.mark.slow
-def test_text_llm_runner_on_the_default_int4_bundle(default_int4_bundle):
-    manifest = json.loads((default_int4_bundle / "manifest.json").read_text())
-    session = runtime.load(default_int4_bundle)
+def assert_runner_equals_edgepack_run(bundle: Path) -> None:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    session = runtime.load(bundle)
     stop_texts = manifest["tokenizer"]["stop_texts"]
     for prompt in ["Name the capital city of France.", "What is 2 + 2?"]:
         ours = session.complete(prompt, max_new_tokens=48)
         text, _ = session.prompt_ids(prompt)
-        pieces = runner_stream(default_int4_bundle, text, 48)
+        pieces = runner_stream(bundle, text, 48)
         streamed = "".join(p for p in pieces if p not in stop_texts)
         assert streamed == ours.text, prompt
+
+
+@pytest.mark.slow
+def test_text_llm_runner_on_the_default_int4_bundle(default_int4_bundle):
+    assert_runner_equals_edgepack_run(default_int4_bundle)
+
+
+@pytest.mark.slow
+def test_text_llm_runner_on_a_two_range_int4_bundle(tmp_path):
+    """`--activation-ranges 2`: the residual rows live inside the XNNPACK delegates, so the program calls the same
+    operators and ExecuTorch's own runner opens it unchanged (measured: the same text for both prompts)."""
+    run_export(plan_export(None, "pixel-9", output=tmp_path / "two", activation_ranges=2))
+    assert_runner_equals_edgepack_run(tmp_path / "two")
