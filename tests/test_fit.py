@@ -98,6 +98,26 @@ def test_int4_estimate_matches_the_quantized_tensors() -> None:
     assert abs(estimate - stored) / stored < 0.02, (estimate, stored)
 
 
+def test_two_range_estimate_counts_the_anchor_blocks() -> None:
+    """`--activation-ranges 2`: each linear the program splits stores one zero block of 32 inputs more (codes and
+    their block scale); the estimate grows by what the lowered forms grow by."""
+    import copy
+
+    from edgepack.exporters.executorch import DynamicQuantLinear, XnnpackProgram
+    from edgepack.quantize import apply_preset
+
+    def forms_bytes(program: torch.nn.Module) -> float:
+        return sum(m.qdata.numel() * (0.5 if m.qmin == -8 else 1) + m.scale.numel() * 4
+                   for m in program.modules() if isinstance(m, DynamicQuantLinear))
+
+    cfg = tiny_config()
+    one, two = get_preset("int4"), get_preset("int4").with_activation_ranges(2)
+    model = apply_preset(build_model(cfg, random_model(cfg).state_dict(), 64), two)
+    grown = forms_bytes(XnnpackProgram(copy.deepcopy(model), ranges=2)) - forms_bytes(XnnpackProgram(model))
+    estimated = sum(weight_bytes(cfg, two).values()) - sum(weight_bytes(cfg, one).values())
+    assert grown > 0 and abs(estimated - grown) / grown < 0.1, (estimated, grown)
+
+
 def test_int4_estimate_counts_the_gguf_weights_kept_at_8_bits(tmp_path: Path) -> None:
     """A GGUF's 5- to 8-bit layer linears and table stay at 8 bits under int4 (Qwen2.5-Coder-0.5B's "Q4_K_M" is
     85% Q5_0 by weight: 528 MB on ExecuTorch against the 441 MB an all-int4 estimate gave): the header says so."""
