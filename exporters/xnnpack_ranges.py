@@ -12,10 +12,11 @@ fp32 (NOTES.md, "Real students"), where llama.cpp and ONNX Runtime round per blo
 - what that grid lost (at most half a step), which XNNPACK rounds at 1/255 of its own range.
 The linear runs once over the 2T rows (its weights are read once) and the two halves of its output are summed
 (`SummedHalves`): the input reaches the weights with ~16 bits instead of 8. The weights are untouched (carried GGUF
-blocks stay exact) but for one zero block of 32 inputs a linear for the anchors. No calibration.
+blocks stay exact) apart from one zero block of 32 inputs per linear, for the anchors. No calibration.
 
-Opt-in (`-q int4 --activation-ranges 2`): every linear then computes two rows per token (NOTES.md, "Two-range int8
-activations": measured cost and figures).
+Opt-in (`-q int4 --activation-ranges 2`; with `-q ternary` only the output layer's input, BitNet's layers take its
+own int8 codes): every split linear then computes two rows per token (NOTES.md, "Two-range int8 activations":
+measured cost and figures).
 """
 
 from __future__ import annotations
