@@ -24,7 +24,7 @@ from edgepack.errors import EdgepackError
 from edgepack.exporters import ExportRequest, register_exporter
 from edgepack.exporters.xnnpack_pieces import PieceLowerer
 from edgepack.exporters.xnnpack_reuse import reuse_lowered_layers
-from edgepack.exporters.xnnpack_ranges import (ROUNDING_MAGIC, ResidualRows, SummedHalves, anchors, padded_float_linear,
+from edgepack.exporters.xnnpack_ranges import (Int8Grid, ResidualRows, SummedHalves, anchors, padded_float_linear,
                                                 rounded_per_token)
 from edgepack.model import Attention, CausalLM, KVCache, RMSNorm, relu_squared, through
 from edgepack.progress import SILENT, Steps
@@ -109,9 +109,10 @@ class LayerOutput(nn.Module):
     def __init__(self, layer: nn.Module, ranges: int) -> None:
         super().__init__()
         attn = layer.self_attn
+        rounded = attn.int8_inputs is not None
         self.width = attn.num_heads * attn.head_dim
-        self.split = residual_rows(ranges, attn.o_proj, attn.int8_inputs is not None)
-        self.o_proj = summed(xnnpack_linear(attn.o_proj, attn.int8_inputs is not None), self.split)
+        self.split = residual_rows(ranges, attn.o_proj, rounded)
+        self.o_proj = summed(xnnpack_linear(attn.o_proj, rounded), self.split)
         self.post_attention_layernorm = XnnpackRMSNorm(layer.post_attention_layernorm)
         self.mlp = XnnpackMLP(layer.mlp, ranges)
         # BitNet only (None for Llama/Qwen2, whose graph stays as it was): the sub-norm before o_proj and the int8
@@ -198,24 +199,15 @@ class XnnpackRMSNorm(nn.Module):
 
 
 class XnnpackInt8Activations(nn.Module):
-    """BitNet's `Int8Activations` (per-token absmax to int8 codes and back) in ops XNNPACK lowers, so a layer stays
-    one delegate: the max over a 4-D view's innermost dim (XNNPACK's max pooling; it takes no `amax`/`round`), 127
-    as a constant tensor divided by it, and round-half-to-even as (y + 1.5 * 2^23) - 1.5 * 2^23, which fp32
-    addition rounds to the nearest integer, ties to even, exactly as `torch.round` does for |y| < 2^22 (here
-    |y| <= 127). Same float operations as the model's otherwise, so the codes are the same."""
+    """BitNet's `Int8Activations` (per-token absmax to int8 codes and back) as `Int8Grid` computes it in ops XNNPACK
+    lowers: the same float operations as the model's, so the codes are the same."""
 
     def __init__(self, rounding: nn.Module) -> None:  # the model's `Int8Activations`: stateless, nothing to copy
         super().__init__()
-        self.register_buffer("levels", torch.tensor(127.0), persistent=False)
-        self.register_buffer("magic", torch.tensor(ROUNDING_MAGIC), persistent=False)
+        self.grid = Int8Grid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        width = x.shape[-1]
-        x4 = x.float().view(-1, 1, 1, width)
-        absmax = x4.abs().max(dim=3, keepdim=True).values
-        scale = self.levels / absmax.clamp(min=1e-5)
-        codes = ((x4 * scale + self.magic) - self.magic).clamp(-128, 127)
-        return (codes / scale).view(-1, width).to(x.dtype)
+        return self.grid(x.float())[0].to(x.dtype)
 
 
 def _optional(form: type[nn.Module], module: nn.Module | None) -> nn.Module | None:
@@ -327,9 +319,7 @@ class XnnpackBlockOffsetLinear(nn.Module):
             self.offsets.qdata = torch.cat([self.offsets.qdata, torch.zeros_like(self.offsets.qdata[:, :1])], dim=1)
             self.offsets.group = self.offsets.qdata.shape[1]
         else:
-            weight = self.offsets.weight
-            self.offsets.weight = nn.Parameter(torch.cat([weight, torch.zeros_like(weight[:, :1])], dim=1),
-                                               requires_grad=False)
+            self.offsets = padded_float_linear(self.offsets, 1)
         self.blocks += 1
         if self.block_scale is not None:
             self.block_scale = torch.cat([self.block_scale, torch.ones_like(self.block_scale[:1])])

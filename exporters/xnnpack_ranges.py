@@ -51,24 +51,38 @@ def anchors() -> torch.Tensor:
     return block
 
 
-class ResidualRows(nn.Module):
-    """x [T, K] -> [[grid, anchors]; [x - grid, 0]] [2T, K + 32]. The absmax is a max pooling over a 4-D view and
-    the rounding an fp32 addition of ROUNDING_MAGIC: XNNPACK lowers both (it takes no `amax` or `round`), so a
-    layer stays one delegate."""
+class Int8Grid(nn.Module):
+    """x [T, K] -> (x on its own symmetric int8 grid per token, step absmax / 127; the absmax [T, 1]), in ops XNNPACK
+    lowers so that a layer stays one delegate: the absmax a max over a 4-D view's innermost dim (max pooling; it
+    takes no `amax`), 127 / absmax a tensor division, and round-half-to-even an fp32 addition of ROUNDING_MAGIC (it
+    takes no `round`), which is `torch.round` exactly for |y| < 2^22 (here |y| <= 127). BitNet's int8 activations
+    (`executorch.XnnpackInt8Activations`) and the first of the residual rows."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.register_buffer("anchors", anchors(), persistent=False)
         self.register_buffer("levels", torch.tensor(127.0), persistent=False)
         self.register_buffer("magic", torch.tensor(ROUNDING_MAGIC), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         width = x.shape[-1]
         x4 = x.view(-1, 1, 1, width)
         peak = x4.abs().max(dim=3, keepdim=True).values
         steps = self.levels / peak.clamp(min=1e-5)
-        grid = (((x4 * steps + self.magic) - self.magic) / steps).view(-1, width)
-        anchors = peak.view(-1, 1) * self.anchors
+        codes = ((x4 * steps + self.magic) - self.magic).clamp(-128, 127)
+        return (codes / steps).view(-1, width), peak.view(-1, 1)
+
+
+class ResidualRows(nn.Module):
+    """x [T, K] -> [[grid, anchors]; [x - grid, 0]] [2T, K + 32] (`Int8Grid`'s grid)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.grid = Int8Grid()
+        self.register_buffer("anchors", anchors(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid, peak = self.grid(x)
+        anchors = peak * self.anchors
         return torch.cat([torch.cat([grid, anchors], dim=-1), torch.cat([x - grid, anchors * 0.0], dim=-1)], dim=0)
 
 
@@ -88,9 +102,9 @@ class SummedHalves(nn.Module):
         return summed if self.bias is None else summed + self.bias
 
 
-def padded_float_linear(linear: nn.Linear) -> nn.Linear:
-    """A float linear over `ResidualRows`: one zero block of 32 more inputs."""
-    padded = nn.Linear(linear.in_features + BLOCK, linear.out_features, bias=linear.bias is not None,
+def padded_float_linear(linear: nn.Linear, extra: int = BLOCK) -> nn.Linear:
+    """A float linear with `extra` zero inputs more (over `ResidualRows`: one block of 32, for the anchors)."""
+    padded = nn.Linear(linear.in_features + extra, linear.out_features, bias=linear.bias is not None,
                        dtype=linear.weight.dtype)
     with torch.no_grad():
         padded.weight.zero_()

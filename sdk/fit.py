@@ -186,8 +186,11 @@ def weight_bytes(cfg: ModelConfig, preset: QuantPreset, wide: WideWeights = NARR
     h, q, kv = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     linears = [(h, q), (h, kv), (h, kv), (q, h), (h, cfg.intermediate_size), (h, cfg.intermediate_size),
                (cfg.intermediate_size, h)]  # (in, out) of q, k, v, o, gate, up, down
-    # `--activation-ranges 2`: a linear whose input is rounded per token takes one zero block of anchor inputs more
-    anchors = lambda recipe: CARRIED_BLOCK if preset.activation_ranges > 1 and (recipe or "").startswith("8da") else 0  # noqa: E731
+
+    def anchors(recipe: str | None) -> int:
+        """`--activation-ranges 2`: a linear whose input is rounded per token takes one zero block more."""
+        return CARRIED_BLOCK if preset.activation_ranges > 1 and (recipe or "").startswith("8da") else 0
+
     per_layer = 0.0
     for n_in, n_out in linears:
         group = preset.group_size if preset.linear else 0
@@ -207,7 +210,8 @@ def weight_bytes(cfg: ModelConfig, preset: QuantPreset, wide: WideWeights = NARR
         "final_norm": h * dtype_bytes,
     }
     if preset.quantized or not cfg.tie_word_embeddings:
-        parts["lm_head"] = cfg.vocab_size * (h + anchors(preset.lm_head)) * _recipe_bytes(preset.lm_head, 0, h, dtype_bytes)
+        head_inputs = h + anchors(preset.lm_head)
+        parts["lm_head"] = cfg.vocab_size * head_inputs * _recipe_bytes(preset.lm_head, 0, h, dtype_bytes)
     return parts
 
 
